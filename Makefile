@@ -1,0 +1,52 @@
+# itm front door: `make train` and `make test` each install what they need first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.itm-installed
+# CPU-only machines get this torch (no multi-GB CUDA packages); set TORCH_INDEX to a CPU wheel
+# index (e.g. https://download.pytorch.org/whl/cpu) where no local CPU build is configured.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install train test test-all lint format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+	  echo "torch already installed: $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then \
+	  echo "GPU found: installing the default (CUDA) torch build"; \
+	  $(PY) -m pip install -q "torch>=2.3"; \
+	else \
+	  echo "no GPU: installing the CPU torch build ($(TORCH_SPEC))"; \
+	  $(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
+	fi
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+train: install
+	$(PY) train.py $(ARGS)
+
+# Fast suite (slow tests are marked and skipped; `make test-all` runs them too).
+test: install
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-all: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(PY) -m ruff check src tests train.py
+	$(PY) -m ruff format --check src tests train.py
+
+format: install
+	$(PY) -m ruff format src tests train.py
+	$(PY) -m ruff check --fix src tests train.py
+
+clean:
+	rm -rf outputs multirun wandb .pytest_cache .ruff_cache build dist src/*.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

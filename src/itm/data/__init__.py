@@ -1,0 +1,57 @@
+"""Data: vocabulary, synthetic generator, datasets, collate functions and DataModules."""
+
+from itm.data.datamodule import (
+    SPLITS,
+    ArraySplit,
+    CaptionDataset,
+    CaptionPairDataset,
+    FeatureStore,
+    ImageDataset,
+    ITMDataModule,
+    SyntheticDataModule,
+    collate_captions,
+    collate_images,
+    collate_pairs,
+)
+from itm.data.synthetic import (
+    SyntheticSplit,
+    SyntheticWorld,
+    generate_synthetic,
+    make_world,
+    oracle_recall,
+)
+from itm.data.vocab import (
+    END_ID,
+    PAD_ID,
+    SPECIAL_TOKENS,
+    START_ID,
+    UNK_ID,
+    Vocabulary,
+    tokenize,
+)
+
+__all__ = [
+    "END_ID",
+    "PAD_ID",
+    "SPECIAL_TOKENS",
+    "SPLITS",
+    "START_ID",
+    "UNK_ID",
+    "ArraySplit",
+    "CaptionDataset",
+    "CaptionPairDataset",
+    "FeatureStore",
+    "ITMDataModule",
+    "ImageDataset",
+    "SyntheticDataModule",
+    "SyntheticSplit",
+    "SyntheticWorld",
+    "Vocabulary",
+    "collate_captions",
+    "collate_images",
+    "collate_pairs",
+    "generate_synthetic",
+    "make_world",
+    "oracle_recall",
+    "tokenize",
+]

@@ -1,0 +1,7 @@
+"""Models: encoders, alignment heads, pooling, similarity, loss and the LightningModule."""
+
+from itm.models.loss import ContrastiveLoss
+from itm.models.pooling import AvgPool, LSEPool, MaxPool, SumPool
+from itm.models.similarity import Similarity
+
+__all__ = ["AvgPool", "ContrastiveLoss", "LSEPool", "MaxPool", "Similarity", "SumPool"]

@@ -1,0 +1,230 @@
+"""The LightningModule: encoders + Similarity + ContrastiveLoss, with full-matrix evaluation."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from itm.metrics import RetrievalRecall
+from itm.models.similarity import Similarity
+
+
+def _to_dict(cfg: Mapping | DictConfig) -> dict:
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return dict(cfg)
+
+
+def pad_cat(chunks: list[Tensor], dim: int = 1, value: float = 0.0) -> Tensor:
+    """Concatenate ``[B_i, N_i, ...]`` tensors along axis 0, padding axis ``dim`` to the max."""
+    size = max(c.shape[dim] for c in chunks)
+    padded = []
+    for c in chunks:
+        if c.shape[dim] < size:
+            shape = list(c.shape)
+            shape[dim] = size - c.shape[dim]
+            c = torch.cat([c, c.new_full(shape, value)], dim=dim)
+        padded.append(c)
+    return torch.cat(padded, dim=0)
+
+
+class ITMModule(pl.LightningModule):
+    """Image-text matching model.
+
+    Args:
+        cfg: the resolved ``model`` config node (a plain dict travels in the checkpoint as
+            hyperparameters, so ``ITMModule.load_from_checkpoint`` needs no Hydra). Keys:
+            ``image_encoder``, ``text_encoder``, ``align``, ``pooling``, ``loss`` (instantiable
+            nodes), ``optimizer`` (a ``_partial_`` optimizer node), ``scheduler`` (a
+            ``_partial_`` lr scheduler node or null), ``warmup_epochs`` (epochs of
+            sum-over-negatives loss before hardest negatives), ``eval_max_block_mb`` (memory
+            budget of block-wise scoring).
+    """
+
+    def __init__(self, cfg: Mapping | DictConfig) -> None:
+        super().__init__()
+        cfg = _to_dict(cfg)
+        self.save_hyperparameters({"cfg": cfg})
+        self.cfg = cfg
+        self.image_encoder = instantiate(cfg["image_encoder"])
+        self.text_encoder = instantiate(cfg["text_encoder"])
+        self.similarity = Similarity(instantiate(cfg["align"]), instantiate(cfg["pooling"]))
+        self.criterion = instantiate(cfg["loss"])
+        self.warmup_epochs = int(cfg.get("warmup_epochs", 0))
+        self.eval_max_block_mb = float(cfg.get("eval_max_block_mb", 256))
+        self._eval_buffers: dict[str, list[tuple[Tensor, ...]]] = {"img": [], "cap": []}
+        self._epoch_start = 0.0
+        self._epoch_samples = 0
+
+    # --- encoding ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _unpack(out: Tensor | tuple[Tensor, Tensor], lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """Encoders return ``emb`` or ``(emb, new_lengths)`` (size augmentation in training)."""
+        return out if isinstance(out, tuple) else (out, lengths)
+
+    def encode_images(self, images: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """``images [B, K, img_dim]`` -> (``[B, K', d]``, lengths ``[B]``)."""
+        return self._unpack(self.image_encoder(images, lengths), lengths)
+
+    def encode_captions(self, tokens: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """``tokens [B, L]`` -> (``[B, L', d]``, lengths ``[B]``)."""
+        return self._unpack(self.text_encoder(tokens, lengths), lengths)
+
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """Scores ``[B, B]`` of a training batch (image i with caption j)."""
+        img, img_lens = self.encode_images(batch["images"], batch["img_lens"])
+        cap, cap_lens = self.encode_captions(batch["captions"], batch["cap_lens"])
+        return self.similarity(img, img_lens, cap, cap_lens)
+
+    # --- training ---------------------------------------------------------------------------
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_start = time.perf_counter()
+        self._epoch_samples = 0
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        sims = self(batch)
+        hardest = self.current_epoch >= self.warmup_epochs
+        loss = self.criterion(
+            sims,
+            max_violation=hardest and self.criterion.max_violation,
+            img_ids=batch["img_ids"],
+            cap_img_ids=batch["img_ids"],
+        )
+        n = sims.shape[0]
+        self._epoch_samples += n
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        elapsed = time.perf_counter() - self._epoch_start
+        self.log("train/epoch_time_s", elapsed, sync_dist=True)
+        self.log("train/samples_per_s", self._epoch_samples / max(elapsed, 1e-9), sync_dist=True)
+
+    def configure_optimizers(self) -> Any:
+        groups = self.param_groups()
+        optimizer = instantiate(self.cfg["optimizer"])(groups)
+        sched_cfg = self.cfg.get("scheduler")
+        if not sched_cfg:
+            return optimizer
+        scheduler = instantiate(sched_cfg)(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Parameter groups; a sub-module exposing ``lr_mult_groups()`` (BERT) gets its lrs.
+
+        Each group carries ``lr`` = base lr x multiplier (schedulers scale every group).
+        """
+        base_lr = float(self.cfg["optimizer"]["lr"])
+        groups: list[dict[str, Any]] = []
+        seen: set[int] = set()
+        for module in self.modules():
+            if module is self or not hasattr(module, "lr_mult_groups"):
+                continue
+            for params, mult in module.lr_mult_groups():
+                params = [p for p in params if p.requires_grad and id(p) not in seen]
+                seen.update(id(p) for p in params)
+                if params:
+                    groups.append({"params": params, "lr": base_lr * mult})
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in seen]
+        if rest:
+            groups.insert(0, {"params": rest, "lr": base_lr})
+        return groups
+
+    # --- evaluation -------------------------------------------------------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_buffers = {"img": [], "cap": []}
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0):
+        if "images" in batch:
+            emb, lens = self.encode_images(batch["images"], batch["img_lens"])
+            self._eval_buffers["img"].append((batch["img_ids"], emb, lens))
+        else:
+            emb, lens = self.encode_captions(batch["captions"], batch["cap_lens"])
+            self._eval_buffers["cap"].append((batch["cap_ids"], emb, lens, batch["cap_img_ids"]))
+
+    test_step = validation_step
+
+    def gathered_embeddings(self) -> dict[str, Tensor]:
+        """Every image and caption embedding of the split, in dataset order, duplicates removed.
+
+        Returns ``img [N_img, K, d]``, ``img_lens``, ``cap [N_cap, L, d]``, ``cap_lens``,
+        ``cap_to_img [N_cap]``.
+        """
+        out: dict[str, Tensor] = {}
+        for kind in ("img", "cap"):
+            buf = self._eval_buffers[kind]
+            ids = torch.cat([b[0] for b in buf])
+            emb = pad_cat([b[1] for b in buf])
+            lens = torch.cat([b[2] for b in buf])
+            extra = torch.cat([b[3] for b in buf]) if kind == "cap" else None
+            if self.trainer is not None and self.trainer.world_size > 1:
+                ids, emb, lens, extra = self._all_gather_padded(ids, emb, lens, extra)
+            uniq, first = _first_occurrence(ids)
+            if uniq.numel() != int(uniq.max()) + 1:
+                raise RuntimeError(f"evaluation {kind} ids are not 0..N-1 ({uniq.numel()} ids)")
+            out[kind], out[f"{kind}_lens"] = emb[first], lens[first]
+            if extra is not None:
+                out["cap_to_img"] = extra[first]
+        return out
+
+    def _all_gather_padded(self, ids, emb, lens, extra):
+        """All-gather per-rank tensors whose set axis may differ in size between ranks."""
+        size = torch.tensor([emb.shape[1]], device=emb.device)
+        max_size = int(self.all_gather(size).max())
+        if emb.shape[1] < max_size:
+            pad = emb.new_zeros(emb.shape[0], max_size - emb.shape[1], emb.shape[2])
+            emb = torch.cat([emb, pad], dim=1)
+        gathered = [self.all_gather(t) for t in (ids, emb, lens)]
+        gathered = [g.reshape(-1, *g.shape[2:]) for g in gathered]
+        g_extra = self.all_gather(extra).reshape(-1) if extra is not None else None
+        return (*gathered, g_extra)
+
+    def _evaluate(self, split: str) -> dict[str, float]:
+        e = self.gathered_embeddings()
+        metric = RetrievalRecall(cap_to_img=e["cap_to_img"].cpu()).to(self.device)
+        rank, world = self.global_rank, self.trainer.world_size if self.trainer else 1
+        rows = torch.arange(rank, e["img"].shape[0], world, device=e["img"].device)
+        sims = self.similarity.score_matrix(
+            e["img"][rows], e["img_lens"][rows], e["cap"], e["cap_lens"], self.eval_max_block_mb
+        )
+        metric.update(sims, rows)
+        results = {k: float(v) for k, v in metric.compute().items()}
+        self.log_dict({f"{split}/{k}": v for k, v in results.items()}, sync_dist=False)
+        self._eval_buffers = {"img": [], "cap": []}
+        return results
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            self._eval_buffers = {"img": [], "cap": []}
+            return
+        self._evaluate("dev")
+
+    def on_test_epoch_end(self) -> None:
+        self._evaluate("test")
+
+
+def _first_occurrence(ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Sorted unique ids and, for each, the position of its first occurrence in ``ids``."""
+    uniq, inverse = torch.unique(ids, return_inverse=True)
+    pos = torch.arange(ids.numel(), device=ids.device)
+    first = torch.full_like(uniq, ids.numel()).scatter_reduce(0, inverse, pos, reduce="amin")
+    return uniq, first
+
+
+__all__ = ["ITMModule", "pad_cat"]
