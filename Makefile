@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install train test test-all lint format clean
+.PHONY: install train test test-all bench lint format clean
 
 install: $(STAMP)
 
@@ -39,13 +39,19 @@ test: install
 test-all: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Benchmarks (bench/bench_*.py): ratios measured side by side in one run. BENCH="scoring data"
+# picks some.
+BENCH ?=
+bench: install
+	$(PY) bench/run.py $(BENCH)
+
 lint: install
-	$(PY) -m ruff check src tests train.py
-	$(PY) -m ruff format --check src tests train.py
+	$(PY) -m ruff check src tests bench *.py
+	$(PY) -m ruff format --check src tests bench *.py
 
 format: install
-	$(PY) -m ruff format src tests train.py
-	$(PY) -m ruff check --fix src tests train.py
+	$(PY) -m ruff format src tests bench *.py
+	$(PY) -m ruff check --fix src tests bench *.py
 
 clean:
 	rm -rf outputs multirun wandb .pytest_cache .ruff_cache build dist src/*.egg-info

@@ -50,3 +50,42 @@ def compose():
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+TINY_BERT_WORDS = ["a", "the", "man", "woman", "dog", "cat", "red", "blue", "is", "on", "with"]
+
+
+def write_tiny_bert(directory: Path, words: list[str] | None = None) -> Path:
+    """A randomly initialised tiny BERT (2 layers, hidden 32) with its own vocab file, saved in
+    the layout ``BertModel`` / ``BertTokenizer.from_pretrained(dir)`` read offline."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *(words or [])]
+    vocab += [w for w in TINY_BERT_WORDS if w not in vocab]
+    # every synthetic-data word too, so that real captions do not tokenize to [UNK]
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(directory)
+    BertTokenizer(vocab_file=str(directory / "vocab.txt"), do_lower_case=True).save_pretrained(
+        directory
+    )
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A tiny BERT directory whose vocabulary covers the synthetic data's words."""
+    from itm.data import SyntheticDataModule
+
+    dm = SyntheticDataModule(n_train=64, n_dev=16, n_test=16)
+    words = sorted(dm.vocab.word2idx)[4:] if hasattr(dm.vocab, "word2idx") else []
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), [w for w in words if w.isalnum()])

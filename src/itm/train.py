@@ -15,8 +15,16 @@ log = logging.getLogger(__name__)
 
 
 def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
-    """Instantiate ``cfg.data`` and copy the data's sizes into the model config."""
+    """Instantiate ``cfg.data``, give it the text encoder's tokenizer when the encoder brings
+    one (BERT), and copy the data's sizes (vocabulary, region feature size) into the model
+    config."""
     dm = instantiate(cfg.data, _convert_="all")
+    text_cfg = cfg.model.text_encoder
+    if "path" in text_cfg:
+        # A pretrained (BERT) text encoder brings its own tokenizer from the same directory.
+        from itm.data.tokenizers import BertCaptionTokenizer
+
+        dm.tokenizer = BertCaptionTokenizer(text_cfg.path)
     with open_dict(cfg):
         if "vocab_size" in cfg.model.text_encoder and hasattr(dm, "vocab_size"):
             cfg.model.text_encoder.vocab_size = dm.vocab_size

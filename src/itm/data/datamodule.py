@@ -271,6 +271,9 @@ class ITMDataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory
         self._splits: dict[str, FeatureStore] = {}
         self._vocab: Vocabulary | None = None
+        #: caption tokenizer replacing the word vocabulary (e.g. a BERT tokenizer); see
+        #: :attr:`caption_tokenizer`.
+        self.tokenizer: Any = None
 
     # ---- to implement -------------------------------------------------------------------------
     def load_split(self, split: str) -> FeatureStore:
@@ -300,6 +303,12 @@ class ITMDataModule(pl.LightningDataModule):
         if self._vocab is None:
             self._vocab = self.load_vocab()
         return self._vocab
+
+    @property
+    def caption_tokenizer(self) -> Any:
+        """What turns a caption into token ids: :attr:`tokenizer` when set (BERT), else the
+        word vocabulary. Anything with ``encode(caption) -> list[int]`` (pad id 0) works."""
+        return self.tokenizer if self.tokenizer is not None else self.vocab
 
     @property
     def vocab_size(self) -> int:
@@ -343,7 +352,7 @@ class ITMDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled caption-image pairs of the train split (see :func:`collate_pairs`)."""
-        ds = CaptionPairDataset(self.get_split("train"), self.vocab)
+        ds = CaptionPairDataset(self.get_split("train"), self.caption_tokenizer)
         return self._loader(ds, self.batch_size, True, collate_pairs)
 
     def eval_dataloaders(self, split: str) -> list[DataLoader]:
@@ -352,7 +361,10 @@ class ITMDataModule(pl.LightningDataModule):
         return [
             self._loader(ImageDataset(store), self.eval_batch_size, False, collate_images),
             self._loader(
-                CaptionDataset(store, self.vocab), self.eval_batch_size, False, collate_captions
+                CaptionDataset(store, self.caption_tokenizer),
+                self.eval_batch_size,
+                False,
+                collate_captions,
             ),
         ]
 

@@ -8,6 +8,8 @@ fragment scores is the case ``D = 1`` (see :func:`pool_scores`).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -81,3 +83,91 @@ class LSEPool(SetPooling):
 def pool_scores(pooling: nn.Module, scores: Tensor, mask: Tensor) -> Tensor:
     """Pool scalar fragment scores ``scores [..., N]`` with ``mask [..., N]`` -> ``[...]``."""
     return pooling(scores.unsqueeze(-1), mask).squeeze(-1)
+
+
+class GPOPool(SetPooling):
+    """Generalized pooling operator (VSE-infinity, Chen et al. CVPR 2021), methods.md section 7.
+
+    Each dimension is sorted independently in descending order over the valid items, and the
+    ``k``-th largest value gets the weight ``theta_k`` (``k = 0..N-1``); the weights depend only
+    on the number ``N`` of valid items of the set: sinusoidal positional encoding of the
+    positions ``0..N-1`` (float32, as the authors build it) -> bidirectional GRU run packed over
+    the ``N`` positions, the two directions averaged -> bias-free ``scorer`` -> softmax over the
+    ``N`` positions of ``score / temperature``. Padded positions get weight exactly 0. Output:
+    ``sum_k theta_k * (k-th largest)``, a learned interpolation between max and mean.
+
+    The weights of every length ``0..N`` (``N`` = padded set size) come from ONE packed GRU call
+    over ``N`` sequences (no host sync, no per-set GRU), then each set picks the row of its own
+    valid count; the mask need not be a prefix (only its count matters).
+
+    Args:
+        pe_dim: size of the positional encoding (even), the GRU input.
+        hidden: GRU hidden size (each direction).
+        temperature: softmax temperature of the position scores.
+    """
+
+    def __init__(self, pe_dim: int = 32, hidden: int = 32, temperature: float = 0.1) -> None:
+        super().__init__()
+        if pe_dim % 2 != 0:
+            raise ValueError(f"pe_dim must be even, got {pe_dim}")
+        self.pe_dim = int(pe_dim)
+        self.hidden = int(hidden)
+        self.temperature = float(temperature)
+        self.gru = nn.GRU(self.pe_dim, self.hidden, batch_first=True, bidirectional=True)
+        self.scorer = nn.Linear(self.hidden, 1, bias=False)
+
+    def positional_encoding(self, length: int) -> Tensor:
+        """Sinusoidal encoding ``[length, pe_dim]`` (float32): sin at even, cos at odd columns."""
+        device = self.scorer.weight.device
+        pos = torch.arange(length, dtype=torch.float32, device=device)[:, None]
+        freq = torch.arange(0, self.pe_dim, 2, dtype=torch.float32, device=device)
+        freq = torch.exp(freq * (-math.log(10000.0) / self.pe_dim))
+        angle = pos * freq  # [length, pe_dim / 2]
+        return torch.stack((angle.sin(), angle.cos()), dim=-1).reshape(length, self.pe_dim)
+
+    def weight_table(self, max_len: int) -> Tensor:
+        """``[max_len + 1, max_len]``: row ``n`` = weights of a set of ``n`` valid items (row 0
+        is all zeros), zero past position ``n - 1``."""
+        param = self.scorer.weight
+        table = param.new_zeros(max_len + 1, max_len)
+        if max_len == 0:
+            return table
+        pe = self.positional_encoding(max_len).to(param.dtype)
+        # Sequence i is the prefix of length max_len - i (descending, as packing wants).
+        lens = torch.arange(max_len, 0, -1)
+        packed = nn.utils.rnn.pack_padded_sequence(
+            pe.expand(max_len, max_len, self.pe_dim), lens, batch_first=True
+        )
+        out, _ = self.gru(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=max_len)
+        h = (out[..., : self.hidden] + out[..., self.hidden :]) / 2
+        scores = self.scorer(h).squeeze(-1) / self.temperature  # [max_len, max_len]
+        valid = torch.arange(max_len, device=param.device)[None, :] < lens.to(param.device)[:, None]
+        weights = torch.where(valid, scores, scores.new_full((), float("-inf"))).softmax(dim=-1)
+        # Row n of the table = sequence of length n = row max_len - n of ``weights``.
+        return torch.cat((table[:1], weights.flip(0).to(table.dtype)), dim=0)
+
+    def weights(self, lengths: Tensor, max_len: int) -> Tensor:
+        """Per-set weights ``[B, max_len]`` for ``lengths [B]`` (0 past each length)."""
+        return self.weight_table(max_len)[lengths.long().clamp(0, max_len)]
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        *lead, n, d = x.shape
+        if n == 0:
+            return x.new_zeros(*lead, d)
+        valid = mask.expand(*lead, n).reshape(-1, n)  # [M, N]
+        flat = x.reshape(-1, n, d)  # [M, N, D]
+        count = valid.sum(dim=-1)  # [M]
+        theta = self.weight_table(n)[count].to(x.dtype)  # [M, N], 0 past each count
+        # Valid items first, each dimension descending; the -inf fillers land past each count.
+        ranked = torch.where(valid[..., None], flat, flat.new_full((), float("-inf")))
+        ranked = ranked.sort(dim=1, descending=True).values
+        filled = torch.arange(n, device=x.device)[None, :, None] < count[:, None, None]
+        ranked = torch.where(filled, ranked, ranked.new_zeros(()))
+        return (theta[..., None] * ranked).sum(dim=1).reshape(*lead, d)
+
+    def extra_repr(self) -> str:
+        return f"pe_dim={self.pe_dim}, hidden={self.hidden}, temperature={self.temperature}"
+
+
+__all__ += ["GPOPool"]

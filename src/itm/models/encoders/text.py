@@ -6,9 +6,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from itm.models.encoders.augment import augment_words
 from itm.models.encoders.common import l2norm
 
 __all__ = ["BiGRUTextEncoder", "l2norm"]
+
+PAD_ID, UNK_ID = 0, 3  # the SCAN vocabulary's <pad> and <unk> (itm.data.vocab)
 
 
 class BiGRUTextEncoder(nn.Module):
@@ -17,6 +20,13 @@ class BiGRUTextEncoder(nn.Module):
     ``forward(tokens [B, L] int64, lengths [B]) -> [B, L, embed_size]``. The backward direction
     starts at each caption's own last token (packing); outputs past a caption's length are 0.
 
+    Size augmentation (``word_aug > 0``, training mode only): each word except ``<start>`` and
+    ``<end>`` is, with probability ``word_aug``, masked (50%), replaced by a random word (10%)
+    or deleted (40%) before embedding (:func:`~itm.models.encoders.augment.augment_words`), and
+    the result is ``(emb [B, L', embed_size], new_lengths [B])``. The SCAN vocabulary has no
+    mask token, so "mask" writes ``<unk>`` (id 3); random words are drawn from ids
+    ``4 .. vocab_size - 1`` (never a special token).
+
     Args:
         vocab_size: vocabulary size (set from the data's vocabulary).
         word_dim: word embedding size (300).
@@ -24,7 +34,14 @@ class BiGRUTextEncoder(nn.Module):
         num_layers: GRU layers.
         bidirectional: run both directions and average them per step ((h_fwd + h_bwd) / 2).
         norm: l2-normalise each word embedding.
+        word_aug: probability of augmenting each word in training (0.2 in the CHAN /
+            VSE-infinity recipes; 0 = off).
     """
+
+    #: id written for a masked word (the SCAN vocabulary's ``<unk>``).
+    mask_id: int = UNK_ID
+    #: random replacement ids start here (after ``<pad>``, ``<start>``, ``<end>``, ``<unk>``).
+    n_special: int = UNK_ID + 1
 
     def __init__(
         self,
@@ -34,22 +51,35 @@ class BiGRUTextEncoder(nn.Module):
         num_layers: int = 1,
         bidirectional: bool = True,
         norm: bool = True,
+        word_aug: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= word_aug <= 1.0:
+            raise ValueError(f"word_aug must lie in [0, 1], got {word_aug}")
         self.embed_size, self.bidirectional, self.norm = embed_size, bidirectional, norm
+        self.vocab_size, self.word_aug = vocab_size, float(word_aug)
         self.embed = nn.Embedding(vocab_size, word_dim)
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
         self.rnn = nn.GRU(
             word_dim, embed_size, num_layers, batch_first=True, bidirectional=bidirectional
         )
 
-    def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:
-        total = tokens.shape[1]
+    def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        # Slots past a caption's length may hold anything: replace them by <pad> before lookup.
+        pos = torch.arange(tokens.shape[1], device=tokens.device)
+        valid = pos[None, :] < lengths.to(tokens.device)[:, None]
+        tokens = tokens.masked_fill(~valid, PAD_ID)
         if int(tokens.max()) >= self.embed.num_embeddings or int(tokens.min()) < 0:
             raise ValueError(
                 f"token ids must lie in 0..{self.embed.num_embeddings - 1} (the vocabulary), "
                 f"got min {int(tokens.min())}, max {int(tokens.max())}"
             )
+        augment = self.training and self.word_aug > 0
+        if augment:
+            tokens, lengths = augment_words(
+                tokens, lengths, self.word_aug, self.mask_id, self.vocab_size, self.n_special
+            )
+        total = tokens.shape[1]
         x = self.embed(tokens)
         packed = pack_padded_sequence(
             x, lengths.detach().to("cpu", torch.int64), batch_first=True, enforce_sorted=False
@@ -58,4 +88,5 @@ class BiGRUTextEncoder(nn.Module):
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=total)
         if self.bidirectional:
             out = (out[..., : self.embed_size] + out[..., self.embed_size :]) / 2
-        return l2norm(out) if self.norm else out
+        out = l2norm(out) if self.norm else out
+        return (out, lengths) if augment else out

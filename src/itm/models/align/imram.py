@@ -1,0 +1,275 @@
+"""IMRAM: iterative matching with recurrent attention memory (Chen et al., CVPR 2020),
+methods.md section 6.
+
+Per direction and step ``k = 1..steps`` the query memory ``q^k`` (``q^1`` = the query fragments)
+attends over the ORIGINAL context (methods.md section 2), the step score ``F_k`` pools
+``cos(original query fragment, att^k)`` over the valid query fragments, and a memory
+distillation unit (MDU) turns ``[q^k ; att^k]`` into ``q^{k+1}``. The score is the sum of the
+step scores (and of the two directions in full mode).
+
+Batching. A block of ``B1`` images and ``B2`` captions is scored at once:
+
+* step 1 reuses the region-word scores ``s [B1, K, B2, L]`` of ONE matrix product (shared by
+  both directions);
+* the attended vectors feed the MDU, whose input layer is affine, and an attended vector is a
+  convex combination of the ORIGINAL context vectors (the attention weights of the valid context
+  sum to 1), so ``W_att att + b = sum_p alpha_p (W_att c_p + b)``: the MDU's attended half is
+  applied once per context fragment of the block and then mixed by the weights, a batched
+  ``[L, K] @ [K, 2d]`` product per pair instead of a ``[L, d] @ [d, 2d]`` one; ``att`` itself is
+  never formed;
+* the query half of the MDU is applied once per caption (t2i) / image (i2t) at step 1, where the
+  memory is still the fragments themselves; from step 2 on the memory differs per pair, so the
+  memory (``[B1, B2, L, d]`` for t2i, ``[B2, B1, K, d]`` for i2t) and the MDU pre-activations
+  (twice that) are materialised per block, and the memory's scores against the context come from
+  one batched product per block (per image for t2i, per caption for i2t), viewed back in the
+  ``[B1, K, B2, L]`` layout;
+* the fragment cosines need no ``att`` either (``base.t2i_cosine`` / ``i2t_cosine``: the dot with
+  the ORIGINAL query is ``sum alpha * s``, the norm comes from the Gram matrix).
+
+:meth:`IMRAM.bytes_per_pair` accounts for the materialised ``[fragments, d]`` buffers, so
+block-wise scoring (``Similarity.score_matrix``) keeps to its memory budget.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from itm.models.align.base import (
+    FEATURE_NORMS,
+    L2_EPS,
+    AlignHead,
+    check_direction,
+    gram,
+    i2t_cosine,
+    i2t_weights,
+    region_word_scores,
+    sq_norm,
+    t2i_cosine,
+    t2i_weights,
+)
+from itm.models.pooling import pool_scores
+
+__all__ = ["IMRAM", "MemoryDistillationUnit"]
+
+
+def l2n(x: Tensor) -> Tensor:
+    """``x / (||x|| + 1e-8)`` over the last axis; finite gradient for an all-zero vector."""
+    ss = sq_norm(x).unsqueeze(-1)
+    return x / (torch.sqrt(torch.where(ss > 0, ss, torch.ones_like(ss))) + L2_EPS)
+
+
+class MemoryDistillationUnit(nn.Module):
+    """Gated memory update of IMRAM: with ``z = [query ; attended]`` (query first),
+    ``g = sigmoid(gate(z))``, ``cand = tanh(candidate(z))``, ``q' = g * q + (1 - g) * cand``.
+
+    ``gate`` and ``candidate`` are ``nn.Linear(2d, d)`` with bias (PyTorch's default init, as the
+    reference). ``z`` is never formed: both Linears are applied at once, as a query half plus an
+    attended half with the biases (:meth:`fused_weights`), and ``query`` may broadcast against
+    ``attended``. The attended half is affine and an attended vector is a convex combination of
+    context vectors, so it may equally be applied to the context vectors before the attention
+    weights mix them (what :class:`IMRAM` does).
+    """
+
+    def __init__(self, embed_size: int) -> None:
+        super().__init__()
+        self.embed_size = int(embed_size)
+        self.gate = nn.Linear(2 * self.embed_size, self.embed_size)
+        self.candidate = nn.Linear(2 * self.embed_size, self.embed_size)
+
+    def fused_weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Gate and candidate stacked (gate first): the query half ``[2d, d]``, the attended
+        half ``[2d, d]`` and the biases ``[2d]``, so ``pre = w_q q + w_a att + b``."""
+        d = self.embed_size
+        w_q = torch.cat([self.gate.weight[:, :d], self.candidate.weight[:, :d]], dim=0)
+        w_a = torch.cat([self.gate.weight[:, d:], self.candidate.weight[:, d:]], dim=0)
+        return w_q, w_a, torch.cat([self.gate.bias, self.candidate.bias], dim=0)
+
+    def update(self, query: Tensor, pre: Tensor) -> Tensor:
+        """New query from the pre-activations ``pre [..., 2d]`` (gate first, then candidate)."""
+        g, cand = pre.split(self.embed_size, dim=-1)
+        # lerp(cand, q, g) = cand + g * (q - cand) = g * q + (1 - g) * cand
+        return torch.lerp(torch.tanh(cand), query, torch.sigmoid(g))
+
+    def forward(self, query: Tensor, attended: Tensor) -> Tensor:
+        """``query [..., d]``, ``attended [..., d]`` (broadcastable) -> new query ``[..., d]``."""
+        w_q, w_a, bias = self.fused_weights()
+        return self.update(query, F.linear(attended, w_a, bias) + F.linear(query, w_q))
+
+    def extra_repr(self) -> str:
+        return f"embed_size={self.embed_size}"
+
+
+class IMRAM(AlignHead):
+    """Recurrent attention memory over ``steps`` steps; text, image or full mode.
+
+    ``t2i`` (text mode): the queries are the words, the context the regions; ``i2t`` (image
+    mode): the queries are the regions, the context the words; ``both`` (full mode) adds the two.
+    Each step's fragment cosines are reduced by the ``pooling`` module that ``Similarity`` passes
+    in; IMRAM itself averages them, so the recipes (``conf/experiment/imram_*.yaml``) use
+    ``pooling=avg``, which reproduces the paper and the authors' code. Train and eval mode give
+    the same scores, laid out ``[n_images, n_captions]`` (the reference transposes them in
+    training mode; we never do).
+
+    Args:
+        direction: ``t2i`` | ``i2t`` | ``both``.
+        steps: number of matching steps K (>= 1).
+        lambda_softmax: inverse temperature of the attention softmax (9 for F30K, 11 for COCO).
+        renorm_memory: l2-normalise the memory after each update (the released recipes do not).
+        embed_size: d, the size of the fragment embeddings (the MDUs are Linear(2d, d)).
+        feature_norm: normalisation of the attention scores across the query axis (section 2);
+            IMRAM uses ``clipped_l2norm``.
+
+    Parameters: ``mdu_t2i`` (word-query branch) and / or ``mdu_i2t`` (region-query branch), each
+    a :class:`MemoryDistillationUnit`; a single-direction head holds only its own branch.
+    """
+
+    def __init__(
+        self,
+        direction: str = "both",
+        steps: int = 3,
+        lambda_softmax: float = 9.0,
+        renorm_memory: bool = False,
+        embed_size: int = 1024,
+        feature_norm: str = "clipped_l2norm",
+    ) -> None:
+        super().__init__()
+        self.direction = check_direction(direction)
+        if int(steps) != steps or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        if feature_norm not in FEATURE_NORMS:
+            raise ValueError(f"feature_norm must be one of {FEATURE_NORMS}, got {feature_norm!r}")
+        self.steps = int(steps)
+        self.lambda_softmax = float(lambda_softmax)
+        self.renorm_memory = bool(renorm_memory)
+        self.embed_size = int(embed_size)
+        self.feature_norm = feature_norm
+        if self.direction in ("t2i", "both"):
+            self.mdu_t2i = MemoryDistillationUnit(self.embed_size)
+        if self.direction in ("i2t", "both"):
+            self.mdu_i2t = MemoryDistillationUnit(self.embed_size)
+
+    # --- public API -------------------------------------------------------------------------
+
+    def forward(
+        self, img: Tensor, img_mask: Tensor, cap: Tensor, cap_mask: Tensor, pooling: nn.Module
+    ) -> Tensor:
+        """``img [B1, K, d]``, ``img_mask [B1, K]``, ``cap [B2, L, d]``, ``cap_mask [B2, L]``
+        -> ``[B1, B2]``: the step scores summed over steps and directions."""
+        out = None
+        for per_step in self.step_scores(img, img_mask, cap, cap_mask, pooling).values():
+            total = per_step.sum(dim=0)
+            out = total if out is None else out + total
+        return out
+
+    def step_scores(
+        self, img: Tensor, img_mask: Tensor, cap: Tensor, cap_mask: Tensor, pooling: nn.Module
+    ) -> dict[str, Tensor]:
+        """The pooled score of every step: ``{"t2i": [steps, B1, B2], "i2t": [steps, B1, B2]}``
+        (only the head's own directions)."""
+        self._check_size(img)
+        s = region_word_scores(img, cap)  # [B1, K, B2, L], shared by both directions
+        out = {}
+        if self.direction in ("t2i", "both"):
+            out["t2i"] = torch.stack(self._text_steps(s, img, img_mask, cap, cap_mask, pooling))
+        if self.direction in ("i2t", "both"):
+            out["i2t"] = torch.stack(self._image_steps(s, img, img_mask, cap, cap_mask, pooling))
+        return out
+
+    def bytes_per_pair(self, n_regions: int, n_words: int, elem_size: int) -> int:
+        """Workspace of one (image, caption) pair: per query fragment about ten live ``[d]``
+        vectors (memory, the MDU's pre-activations [2d] and query half [2d], gate, candidate,
+        new memory, temporaries), plus six ``[K, L]`` score buffers."""
+        n_query = (n_words if self.direction in ("t2i", "both") else 0) + (
+            n_regions if self.direction in ("i2t", "both") else 0
+        )
+        return elem_size * (10 * n_query * self.embed_size + 6 * n_regions * n_words)
+
+    def extra_repr(self) -> str:
+        return (
+            f"direction={self.direction}, steps={self.steps}, "
+            f"lambda_softmax={self.lambda_softmax}, renorm_memory={self.renorm_memory}, "
+            f"embed_size={self.embed_size}, feature_norm={self.feature_norm}"
+        )
+
+    # --- the two directions -------------------------------------------------------------------
+
+    def _check_size(self, img: Tensor) -> None:
+        if img.shape[-1] != self.embed_size:
+            raise ValueError(
+                f"IMRAM was built for embed_size={self.embed_size} but got fragments of size "
+                f"{img.shape[-1]}"
+            )
+
+    def _next_memory(
+        self, mdu: MemoryDistillationUnit, w_q: Tensor, memory: Tensor, pre: Tensor
+    ) -> Tensor:
+        """MDU update from ``pre`` = the attended half of the pre-activations (per pair)."""
+        pre = pre.add_(F.linear(memory, w_q))  # in place: pre is a fresh product
+        memory = mdu.update(memory, pre)
+        return l2n(memory) if self.renorm_memory else memory
+
+    def _text_steps(
+        self,
+        s: Tensor,
+        img: Tensor,
+        img_mask: Tensor,
+        cap: Tensor,
+        cap_mask: Tensor,
+        pooling: nn.Module,
+    ) -> list[Tensor]:
+        """Text mode: the words' memory attends to the regions. Memory ``[B1, B2, L, d]``
+        (``[B2, L, d]`` at step 1, shared by every image)."""
+        b1, k, b2, n = s.shape
+        img_gram, cap_sq = gram(img), sq_norm(cap)
+        memory, scores, out = cap, s, []
+        for step in range(self.steps):
+            alpha = t2i_weights(scores, img_mask, cap_mask, self.feature_norm, self.lambda_softmax)
+            # cos(ORIGINAL word, att): the dot comes from the step-1 scores s, not the memory's
+            words = t2i_cosine(s, alpha, img_gram, cap_sq)  # [B1, B2, L]
+            out.append(pool_scores(pooling, words, cap_mask))
+            if step == self.steps - 1:
+                break
+            if step == 0:  # the MDU's attended half of every region, once per block
+                w_q, w_a, bias = self.mdu_t2i.fused_weights()
+                ctx = F.linear(img, w_a, bias)  # [B1, K, 2d]
+            # MDU(att) for att[i, j, w] = sum_r alpha[i, r, j, w] v[i, r]: [B1, B2*L, K] @ ctx
+            pre = torch.bmm(alpha.reshape(b1, k, b2 * n).transpose(1, 2), ctx)
+            memory = self._next_memory(self.mdu_t2i, w_q, memory, pre.view(b1, b2, n, -1))
+            # memory against the regions: [B1, K, d] @ [B1, d, B2*L]
+            scores = torch.bmm(img, memory.reshape(b1, b2 * n, -1).transpose(1, 2))
+            scores = scores.view(b1, k, b2, n)
+        return out
+
+    def _image_steps(
+        self,
+        s: Tensor,
+        img: Tensor,
+        img_mask: Tensor,
+        cap: Tensor,
+        cap_mask: Tensor,
+        pooling: nn.Module,
+    ) -> list[Tensor]:
+        """Image mode: the regions' memory attends to the words. Memory ``[B2, B1, K, d]``
+        (``[B1, K, d]`` at step 1, shared by every caption)."""
+        b1, k, b2, n = s.shape
+        cap_gram, img_sq = gram(cap), sq_norm(img)
+        pool_mask = img_mask[:, None, :]
+        memory, scores, out = img, s, []
+        for step in range(self.steps):
+            alpha = i2t_weights(scores, img_mask, cap_mask, self.feature_norm, self.lambda_softmax)
+            regions = i2t_cosine(s, alpha, cap_gram, img_sq)  # [B1, B2, K]
+            out.append(pool_scores(pooling, regions, pool_mask))
+            if step == self.steps - 1:
+                break
+            if step == 0:  # the MDU's attended half of every word, once per block
+                w_q, w_a, bias = self.mdu_i2t.fused_weights()
+                ctx = F.linear(cap, w_a, bias)  # [B2, L, 2d]
+            # MDU(att) for att[j, i, r] = sum_w alpha[i, r, j, w] e[j, w]: [B2, B1*K, L] @ ctx
+            pre = torch.bmm(alpha.permute(2, 0, 1, 3).reshape(b2, b1 * k, n), ctx)
+            memory = self._next_memory(self.mdu_i2t, w_q, memory, pre.view(b2, b1, k, -1))
+            # memory against the words: [B2, B1*K, d] @ [B2, d, L], viewed as [B1, K, B2, L]
+            scores = torch.bmm(memory.reshape(b2, b1 * k, -1), cap.transpose(1, 2))
+            scores = scores.view(b2, b1, k, n).permute(1, 2, 0, 3)
+        return out
