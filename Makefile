@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 train: install
-	$(PY) train.py $(ARGS)
+	$(PY) train.py experiment=quickstart $(ARGS)
 
 # Fast suite (slow tests are marked and skipped; `make test-all` runs them too).
 test: install
