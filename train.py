@@ -1,9 +1,11 @@
 """Train an image-text matching model: ``python train.py model/align=chan pooling=lse``."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from itm.cli import objective
+from itm.cli import normalize_argv, objective
 from itm.train import train
 
 
@@ -13,4 +15,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv = normalize_argv(sys.argv)
     main()

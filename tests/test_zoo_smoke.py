@@ -98,3 +98,25 @@ def test_every_bert_recipe_runs_a_short_step(tmp_path, tiny_bert):
     # `++`: the multirun first composes without the sweep (bigru, no `path` key)
     run_cli([*args, f"++model.text_encoder.path={tiny_bert}"], tmp_path)
     assert len(_job_dirs(tmp_path)) == len(BERT_RECIPES)
+
+
+def test_plus_experiment_spelling_selects_the_recipe(tmp_path):
+    """`+experiment=NAME` (architecture.md's spelling) works like `experiment=NAME`."""
+    from itm.cli import normalize_argv
+
+    assert normalize_argv(["train.py", "+experiment=chan_bigru", "+x=1"]) == [
+        "train.py",
+        "experiment=chan_bigru",
+        "+x=1",
+    ]
+    env = {**os.environ, "ITM_LOG_DIR": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "+experiment=chan_bigru", "--cfg", "job"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "itm.models.align.chan.CHAN" in proc.stdout and "margin: 0.05" in proc.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -23,8 +24,20 @@ def objective(metrics: dict[str, float], cfg: DictConfig) -> float | None:
     return metrics.get(name) if name else None
 
 
+def normalize_argv(argv: list[str]) -> list[str]:
+    """Accept ``+experiment=NAME`` as well as ``experiment=NAME``.
+
+    ``conf/train.yaml`` lists ``experiment: null`` in its defaults (so ``experiment=NAME`` works,
+    as in the lightning-hydra-template); Hydra itself would reject the ``+`` spelling with
+    "Multiple values for experiment". Both select the same recipe.
+    """
+    return [a[1:] if a.startswith("+experiment=") else a for a in argv]
+
+
 def train_main() -> None:
     from itm.train import train
+
+    sys.argv = normalize_argv(sys.argv)
 
     @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
     def _main(cfg: DictConfig) -> float | None:
