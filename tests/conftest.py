@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,36 @@ def _warm_up_float32() -> None:
 
 
 _warm_up_float32()
+
+
+def run_train_cli(
+    args: Sequence[str],
+    tmp_path: Path,
+    *,
+    log_dir: Path | None = None,
+    timeout: int = 300,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    """Run ``python train.py *args`` in ``tmp_path`` (outputs under ``log_dir``, default
+    ``tmp_path``; one thread, W&B offline); with ``check`` assert that it succeeded."""
+    env = {
+        **os.environ,
+        "ITM_LOG_DIR": str(log_dir or tmp_path),
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+    }
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
 
 
 def load_fixture(name: str) -> dict[str, np.ndarray]:

@@ -13,7 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from conftest import ROOT
+from conftest import ROOT, run_train_cli
 from itm.models import Similarity
 from itm.models.module import ITMModule
 from itm.train import train
@@ -100,20 +100,6 @@ def test_untrained_model_is_near_chance(compose, tmp_path):
     assert metrics["test/rsum"] < 2 * CHANCE_RSUM_40, metrics
 
 
-def _run_cli(args, tmp_path, timeout=300):
-    env = {**os.environ, "ITM_LOG_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
-
-
 @pytest.mark.parametrize(
     "args",
     [
@@ -124,7 +110,7 @@ def _run_cli(args, tmp_path, timeout=300):
     ids=["i2t-avg", "i2t-lse", "both"],
 )
 def test_cli_commands_from_the_issue(tmp_path, args):
-    out = _run_cli([*args, "debug=fast"], tmp_path)
+    out = run_train_cli([*args, "debug=fast"], tmp_path).stdout
     assert "rsum" in out and "i2t" in out
     runs = list(Path(tmp_path).glob("train/runs/*/checkpoints/best.ckpt"))
     assert len(runs) == 1

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONF_DIR, ROOT
+from conftest import CONF_DIR, ROOT, run_train_cli
 
 # Tiny sizes: a few batches of a 32-d model.
 FAST = [
@@ -37,20 +37,6 @@ BERT_RECIPES = [r for r in RECIPES if "bert" in r]
 BIGRU_RECIPES = [r for r in RECIPES if "bert" not in r]
 
 
-def run_cli(args: list[str], tmp_path: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ITM_LOG_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc
-
-
 def _job_dirs(tmp_path: Path) -> list[Path]:
     return sorted(p for p in tmp_path.glob("train/multiruns/*/*") if p.is_dir())
 
@@ -59,7 +45,7 @@ def _job_dirs(tmp_path: Path) -> list[Path]:
 def test_head_trains_with_each_pooling(head, tmp_path):
     pools = COMBINATIONS[head]
     args = ["-m", f"model/align={head}", f"pooling={','.join(pools)}", *FAST, *BIGRU]
-    run_cli(args, tmp_path)
+    run_train_cli(args, tmp_path, timeout=600)
     jobs = _job_dirs(tmp_path)
     assert len(jobs) == len(pools), jobs
     for job in jobs:
@@ -89,14 +75,16 @@ def test_every_recipe_composes(compose):
 @pytest.mark.parametrize("chunk", [0, 1])
 def test_every_bigru_recipe_runs_a_short_step(chunk, tmp_path):
     names = BIGRU_RECIPES[chunk::2]
-    run_cli(["-m", f"experiment={','.join(names)}", *FAST, *BIGRU, "data.batch_size=16"], tmp_path)
+    run_train_cli(
+        ["-m", f"experiment={','.join(names)}", *FAST, *BIGRU, "data.batch_size=16"], tmp_path
+    )
     assert len(_job_dirs(tmp_path)) == len(names)
 
 
 def test_every_bert_recipe_runs_a_short_step(tmp_path, tiny_bert):
     args = ["-m", f"experiment={','.join(BERT_RECIPES)}", *FAST, "data.batch_size=16"]
     # `++`: the multirun first composes without the sweep (bigru, no `path` key)
-    run_cli([*args, f"++model.text_encoder.path={tiny_bert}"], tmp_path)
+    run_train_cli([*args, f"++model.text_encoder.path={tiny_bert}"], tmp_path)
     assert len(_job_dirs(tmp_path)) == len(BERT_RECIPES)
 
 
