@@ -13,6 +13,7 @@ from itm.data.datamodule import (
     collate_images,
     collate_pairs,
 )
+from itm.data.precomp import FeatureSplit, NpyImages, PrecompDataModule, find_vocab, open_npy_split
 from itm.data.synthetic import (
     SyntheticSplit,
     SyntheticWorld,
@@ -20,6 +21,7 @@ from itm.data.synthetic import (
     make_world,
     oracle_recall,
 )
+from itm.data.validation import DataError, DataWarning
 from itm.data.vocab import (
     END_ID,
     PAD_ID,
@@ -40,9 +42,14 @@ __all__ = [
     "ArraySplit",
     "CaptionDataset",
     "CaptionPairDataset",
+    "DataError",
+    "DataWarning",
+    "FeatureSplit",
     "FeatureStore",
     "ITMDataModule",
     "ImageDataset",
+    "NpyImages",
+    "PrecompDataModule",
     "SyntheticDataModule",
     "SyntheticSplit",
     "SyntheticWorld",
@@ -50,8 +57,10 @@ __all__ = [
     "collate_captions",
     "collate_images",
     "collate_pairs",
+    "find_vocab",
     "generate_synthetic",
     "make_world",
+    "open_npy_split",
     "oracle_recall",
     "tokenize",
 ]

@@ -8,6 +8,7 @@ and pad id 0 (the collate functions pad with 0).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,9 @@ class BertCaptionTokenizer:
                     value = value.get("content")
                 if value is not None or key == "strip_accents":
                     kwargs[key] = value
+        # Captions are encoded one at a time (no batch parallelism to gain); the Rust thread
+        # pool of `tokenizers` makes forked DataLoader workers linger ~5 s at shutdown.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         from transformers import BertTokenizer
 
         # BertTokenizer(vocab=<file>) reads the WordPiece vocabulary; vocab_file= would be
@@ -92,6 +96,19 @@ class BertCaptionTokenizer:
                 f"BERT tokenizer of {self.path!r}: read {len(tokenizer)} tokens from vocab.txt "
                 f"of {n_lines} lines"
             )
+        model_config = directory / "config.json"
+        if model_config.is_file():
+            try:
+                n_embed = json.loads(model_config.read_text(encoding="utf-8")).get("vocab_size")
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{str(model_config)!r} is not valid JSON ({e})") from None
+            if isinstance(n_embed, int) and len(tokenizer) > n_embed:
+                raise ValueError(
+                    f"{str(vocab_file)!r}: {len(tokenizer)} tokens, but the model's "
+                    f"{str(model_config)!r} has vocab_size {n_embed}: token ids "
+                    f"{n_embed}..{len(tokenizer) - 1} would be past the embedding table "
+                    f"(the vocab.txt does not belong to this model)"
+                )
         if tokenizer.pad_token_id != 0:
             raise ValueError(
                 f"BERT tokenizer of {self.path!r}: pad token {tokenizer.pad_token!r} has id "

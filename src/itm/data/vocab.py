@@ -229,6 +229,14 @@ class Vocabulary:
                 raise fail(f'"word2idx"[{word!r}] is {idx!r}, expected an integer id')
             word2idx[str(word)] = idx
         ids = sorted(word2idx.values())
+        if ids[-1] >= len(ids) or ids[0] < 0:
+            bad = ids[-1] if ids[-1] >= len(ids) else ids[0]
+            word = next(w for w, i in word2idx.items() if i == bad)
+            raise fail(
+                f"token id {bad} (word {word!r}) is past the vocabulary size {len(ids)}: "
+                f'"word2idx" ids must be contiguous 0..{len(ids) - 1} (an embedding table of '
+                f"{len(ids)} rows)"
+            )
         if ids != list(range(len(ids))):
             raise fail(
                 f'"word2idx" ids must be unique and contiguous from 0 (got {len(ids)} '

@@ -1,0 +1,170 @@
+"""``itm-prepare``: build a vocabulary, convert precomp data to HDF5, check a data directory.
+
+    itm-prepare vocab DIR [--threshold 4] [--splits train] [--out FILE]
+    itm-prepare h5 DIR [--out OUT_DIR] [--float16] [--splits train dev test testall] [--force]
+    itm-prepare check DIR [--format auto|npy|h5] [--vocab FILE]
+
+``vocab`` counts the words of the chosen splits' captions (the project's tokenizer, see
+:func:`itm.data.vocab.tokenize`) and keeps those seen at least ``--threshold`` times (SCAN: 4,
+on train + dev), writing a SCAN-format ``<DIR name>_vocab.json`` into DIR by default.
+
+``h5`` writes ``OUT_DIR/<split>.h5`` per split present in DIR (see :mod:`itm.data.h5store`),
+each atomically, and copies DIR's ``*_vocab.json`` along when OUT_DIR differs from DIR.
+
+``check`` validates DIR as training would (every problem named with its file) and prints a
+summary per split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from itm.data.datamodule import SPLITS
+from itm.data.validation import DataError
+
+__all__ = ["main"]
+
+
+def _captions_of(root: Path, split: str) -> tuple[list[str], Path]:
+    h5 = root / f"{split}.h5"
+    txt = root / f"{split}_caps.txt"
+    if txt.is_file() or not h5.is_file():
+        from itm.data.validation import read_text_lines
+
+        return read_text_lines(txt, "caption"), txt
+    from itm.data.h5store import open_h5_split
+
+    return open_h5_split(h5, check_finite=False, split=split).captions, h5
+
+
+def _cmd_vocab(args: argparse.Namespace) -> int:
+    from itm.data.vocab import Vocabulary
+
+    root = Path(args.root)
+    if not root.is_dir():
+        raise DataError(root, "data directory does not exist")
+    captions: list[str] = []
+    for split in args.splits:
+        caps, path = _captions_of(root, split)
+        captions += caps
+        print(f"{path}: {len(caps)} captions")
+    out = Path(args.out) if args.out else root / f"{root.resolve().name}_vocab.json"
+    if out.exists() and not args.force:
+        raise DataError(out, "already exists (pass --force to overwrite)")
+    vocab = Vocabulary.build(captions, threshold=args.threshold)
+    vocab.to_json(out)
+    print(f"wrote {out}: {len(vocab)} ids (words seen >= {args.threshold} times, 4 special)")
+    return 0
+
+
+def _cmd_h5(args: argparse.Namespace) -> int:
+    from itm.data.h5store import convert_split
+
+    root = Path(args.root)
+    if not root.is_dir():
+        raise DataError(root, "data directory does not exist")
+    out_dir = Path(args.out) if args.out else root
+    out_dir.mkdir(parents=True, exist_ok=True)
+    splits = args.splits or [s for s in SPLITS if (root / f"{s}_ims.npy").is_file()]
+    if not splits:
+        raise DataError(root, "no <split>_ims.npy files: not a precomp directory")
+    for split in splits:
+        dest = out_dir / f"{split}.h5"
+        if dest.exists() and not args.force:
+            raise DataError(dest, "already exists (pass --force to overwrite)")
+        t0 = time.perf_counter()
+        convert_split(root, split, dest, float16=args.float16)
+        size = dest.stat().st_size / 2**20
+        print(f"wrote {dest} ({size:.1f} MiB, {time.perf_counter() - t0:.1f} s)", flush=True)
+    if out_dir.resolve() != root.resolve():
+        for vocab in sorted(root.glob("*_vocab.json")):
+            dest = out_dir / vocab.name
+            tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+            try:
+                shutil.copyfile(vocab, tmp)
+                os.replace(tmp, dest)
+            finally:
+                tmp.unlink(missing_ok=True)
+            print(f"copied {vocab.name} to {out_dir}")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from itm.data.precomp import PrecompDataModule
+
+    root = Path(args.root)
+    splits = args.splits or [
+        s for s in SPLITS if (root / f"{s}_ims.npy").is_file() or (root / f"{s}.h5").is_file()
+    ]
+    if not splits:
+        raise DataError(root, "no <split>_ims.npy or <split>.h5 files")
+    dm = PrecompDataModule(
+        root,
+        format=args.format,
+        vocab_path=args.vocab,
+        n_dev=None,
+        splits=splits,
+        unknown_captions="warn",
+    )
+    dm.validate()
+    rows = [dm.get_split(s).summary() for s in splits]
+    cols = ["split", "format", "images", "captions", "caps/img", "regions", "dim", "dtype"]
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+    print(f"vocabulary: {getattr(dm.vocab, 'path', '?')} ({len(dm.vocab)} ids)")
+    print("ok")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="itm-prepare", description="Prepare image-text matching data for itm."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("vocab", help="build a SCAN-format vocabulary from captions")
+    p.add_argument("root", help="data directory (precomp layout or HDF5 store)")
+    p.add_argument("--threshold", type=int, default=4, help="minimum word count (default 4)")
+    p.add_argument(
+        "--splits", nargs="+", default=["train"], choices=SPLITS, help="caption splits to count"
+    )
+    p.add_argument("--out", help="output file (default DIR/<DIR name>_vocab.json)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(func=_cmd_vocab)
+
+    p = sub.add_parser("h5", help="convert a precomp directory into the HDF5 store")
+    p.add_argument("root", help="precomp directory (<split>_ims.npy, <split>_caps.txt)")
+    p.add_argument("--out", help="output directory (default: DIR itself)")
+    p.add_argument("--float16", action="store_true", help="store features as float16")
+    p.add_argument("--splits", nargs="+", choices=SPLITS, help="splits (default: all present)")
+    p.add_argument("--force", action="store_true", help="overwrite existing .h5 files")
+    p.set_defaults(func=_cmd_h5)
+
+    p = sub.add_parser("check", help="validate a data directory as training would")
+    p.add_argument("root", help="data directory")
+    p.add_argument("--format", default="auto", choices=["auto", "npy", "h5"])
+    p.add_argument("--vocab", help="vocabulary file (default: found next to the data)")
+    p.add_argument("--splits", nargs="+", choices=SPLITS, help="splits (default: all present)")
+    p.set_defaults(func=_cmd_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``itm-prepare``; returns the exit status (errors: 2, message on stderr)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (DataError, ValueError) as e:
+        print(f"itm-prepare {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
