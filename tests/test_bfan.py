@@ -189,6 +189,28 @@ def test_empty_focal_set_identical_regions(focal):
 
 
 @pytest.mark.parametrize("focal", ["equal", "prob"])
+def test_tied_weights_float32_fall_back_on_both_paths(focal):
+    """float32 and identical regions: the tied weights' F lands a few ulps either side of 0;
+    the set still counts as empty (fallback), in the forward and in the block engine, and the
+    score is the exact one (att_w = v), not that of a rounding-chosen subset."""
+    rng = np.random.default_rng(5)
+    v = random_sets(rng, 1, 1, 8, [1])[0, 0]
+    img = np.tile(v, (1, 7, 1)) + 0.0
+    il, cl = np.array([7]), np.array([3, 5])
+    cap = random_sets(rng, 2, 5, 8, cl)
+    args = (_t(img).float(), _t(il), _t(cap).float(), _t(cl))
+    sim = Similarity(BFAN(focal, direction="t2i"), AvgPool())
+    with torch.no_grad():
+        forward, blocks = sim(*args), sim.score_matrix(*args)
+    alpha = torch.full((1, 7, 4), 1 / 7) * (1 + 1e-7 * torch.randn(1, 7, 4))
+    assert not focal_mask(alpha, torch.ones(1, 7, 1, dtype=torch.bool), 1, focal).any()
+    for j, n in enumerate(cl):
+        expected = cosine(cap[j, :n], v[None]).mean()
+        assert abs(float(forward[0, j]) - expected) < 1e-5
+        assert abs(float(blocks[0, j]) - expected) < 1e-5
+
+
+@pytest.mark.parametrize("focal", ["equal", "prob"])
 @pytest.mark.parametrize("direction", ["t2i", "i2t", "both"])
 def test_gradients_finite_with_zero_padding(focal, direction):
     rng = np.random.default_rng(5)

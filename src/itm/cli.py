@@ -46,5 +46,15 @@ def train_main() -> None:
     _main()
 
 
-def eval_main() -> None:  # pragma: no cover - issue 5
-    raise SystemExit("itm-eval: evaluation of saved checkpoints is not available yet")
+def eval_main() -> None:
+    """``itm-eval ckpt_path=... [data=...] protocol=f30k``: the same Hydra app as ``eval.py``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from itm.evaluate import evaluate, with_output_dir
+
+    @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
+    def _main(cfg: DictConfig) -> float | None:
+        metrics = evaluate(with_output_dir(cfg, HydraConfig.get().runtime.output_dir))
+        return next((v for k, v in metrics.items() if k.endswith("/rsum")), None)
+
+    _main()

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from itm.models.align.base import AlignHead
+from itm.models.align.base import AlignHead, Workspace
 
 
 def lengths_to_mask(lengths: Tensor, size: int) -> Tensor:
@@ -73,12 +73,20 @@ class Similarity(nn.Module):
     def block_sizes(
         self, n_regions: int, n_words: int, elem_size: int, max_block_mb: float, n_img: int
     ) -> tuple[int, int]:
-        """(images, captions) per block so that the head's workspace fits ``max_block_mb``."""
+        """(images, captions) per block so that the head's workspace fits ``max_block_mb``.
+
+        Up to :attr:`max_caption_block` captions per block; the images of a block are balanced
+        (``n_img`` split into equal parts, none larger than the budget allows).
+        """
         per_pair = max(1, self.align.bytes_per_pair(n_regions, n_words, elem_size))
         pairs = max(1, int(max_block_mb * 2**20) // per_pair)
-        n_cap_block = max(1, min(128, pairs))
+        n_cap_block = max(1, min(self.max_caption_block, pairs))
         n_img_block = max(1, min(n_img, pairs // n_cap_block))
-        return n_img_block, n_cap_block
+        n_parts = -(-n_img // n_img_block)
+        return -(-n_img // n_parts), n_cap_block
+
+    #: captions per block (CPU favours 64-128; larger blocks only grow the workspace)
+    max_caption_block: int = 128
 
     @torch.no_grad()
     def score_matrix(
@@ -92,10 +100,15 @@ class Similarity(nn.Module):
     ) -> Tensor:
         """The full ``[n_images, n_captions]`` score matrix, computed block by block.
 
-        Captions are sorted by length and each block is padded only to its own longest
-        caption; block sizes come from the head's workspace estimate and ``max_block_mb``, so
-        peak memory does not grow with the number of images or captions (beyond the inputs and
-        the output). Scores are independent per pair, so the result equals ``self(...)``.
+        The evaluation engine (methods.md section 3, cost note): captions are sorted by length
+        and each block is padded only to its own longest caption; per block, the head's
+        inference path (:meth:`~itm.models.align.base.AlignHead.score_block`) computes all
+        region-word scores with one matrix product into a reused workspace and works in place
+        from there. Padded regions / words are zeroed before scoring (any finite padding gives
+        the same result). Block sizes come from the head's workspace estimate and
+        ``max_block_mb``, so peak memory does not grow with the number of images or captions
+        (beyond the inputs, the output and small per-image quantities such as Gram matrices).
+        Scores are independent per pair, so the result equals ``self(...)``.
 
         Args:
             progress: optional callback receiving the number of pairs scored by each block.
@@ -105,21 +118,63 @@ class Similarity(nn.Module):
         out = img.new_empty(n_img, n_cap)
         if n_img == 0 or n_cap == 0:
             return out
+        align, pooling = self.align, self.pooling
         order = torch.argsort(cap_lens, descending=True, stable=True)
         sorted_lens = cap_lens[order]
         k_max = int(img_lens.max())
         img = img[:, :k_max]
+        img_mask = lengths_to_mask(img_lens, k_max)
+        img_padded = bool((img_lens < k_max).any())
+        # per-image quantities (Gram matrices, norms: O(N K^2)), computed in chunks
+        img_cache = _cat_caches(
+            align.prepare_images(*_zero_pad(img[i : i + 1024], img_mask[i : i + 1024]))
+            for i in range(0, n_img, 1024)
+        )
+        ws = Workspace()
         start = 0
         while start < n_cap:
             n_words = int(sorted_lens[start])  # longest caption of this block (sorted)
             b1, b2 = self.block_sizes(k_max, n_words, img.element_size(), max_block_mb, n_img)
             idx = order[start : start + b2]
-            cap_blk = cap[idx, :n_words]
-            lens_blk = cap_lens[idx]
+            cap_mask = lengths_to_mask(cap_lens[idx], n_words)
+            cap_blk, _ = _zero_pad(torch.index_select(cap[:, :n_words], 0, idx), cap_mask, True)
+            cap_cache = align.prepare_captions(cap_blk, cap_mask)
             for i0 in range(0, n_img, b1):
-                scores = self._score(img[i0 : i0 + b1], img_lens[i0 : i0 + b1], cap_blk, lens_blk)
-                out[i0 : i0 + b1, idx] = scores.to(out.dtype)
+                i1 = min(n_img, i0 + b1)
+                img_blk, mask_blk = img[i0:i1], img_mask[i0:i1]
+                if img_padded:
+                    img_blk, _ = _zero_pad(img_blk, mask_blk)
+                scores = align.score_block(
+                    img_blk,
+                    mask_blk,
+                    cap_blk,
+                    cap_mask,
+                    pooling,
+                    {k: v[i0:i1] for k, v in img_cache.items()},
+                    cap_cache,
+                    ws,
+                )
+                out[i0:i1, idx] = scores.to(out.dtype)
                 if progress is not None:
                     progress(scores.numel())
             start += b2
         return out
+
+
+def _zero_pad(x: Tensor, mask: Tensor, copied: bool = False) -> tuple[Tensor, Tensor]:
+    """``x [B, N, d]`` with the slots outside ``mask [B, N]`` set to 0 (a copy unless
+    ``copied``, i.e. ``x`` is already a private copy)."""
+    if bool(mask.all()):
+        return x, mask
+    if not copied:
+        x = x.clone()
+    rows = torch.nonzero(~mask.reshape(-1)).flatten()
+    x.view(-1, x.shape[-1]).index_fill_(0, rows, 0.0)
+    return x, mask
+
+
+def _cat_caches(parts) -> dict[str, Tensor]:
+    parts = list(parts)
+    if not parts or not parts[0]:
+        return {}
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

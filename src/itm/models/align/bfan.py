@@ -8,7 +8,10 @@ from torch import Tensor, nn
 from itm.models.align.base import (
     AlignHead,
     check_direction,
+    fast_softmax_ok,
+    focal_tolerance,
     gram,
+    gram_with_ones,
     i2t_cosine,
     i2t_weights,
     region_word_scores,
@@ -40,13 +43,16 @@ def focal_mask(alpha: Tensor, ctx_mask: Tensor, dim: int, focal: str) -> Tensor:
         total = a.sum(dim=dim, keepdim=True)
         if focal == "equal":
             n_ctx = ctx_mask.sum(dim=dim, keepdim=True).to(a.dtype)
-            f = n_ctx * a - total
+            f, scale = n_ctx * a - total, total
         elif focal == "prob":
             root = torch.sqrt(a)
-            f = a * root.sum(dim=dim, keepdim=True) - (a * root).sum(dim=dim, keepdim=True)
+            scale = (a * root).sum(dim=dim, keepdim=True)
+            f = a * root.sum(dim=dim, keepdim=True) - scale
         else:
             raise ValueError(f"focal must be one of {FOCALS}, got {focal!r}")
-        return (f > 0) & ctx_mask
+        # every weight tied (F = 0 up to rounding): empty focal set, see focal_tolerance
+        clear = (f > scale * focal_tolerance(a.dtype)).any(dim=dim, keepdim=True)
+        return (f > 0) & clear & ctx_mask
 
 
 def focal_weights(alpha: Tensor, ctx_mask: Tensor, dim: int, focal: str) -> Tensor:
@@ -137,6 +143,43 @@ class BFAN(AlignHead):
             part = _masked_mean(regions, img_mask[:, None, :])
             out = part if out is None else out + part
         return out
+
+    # --- block-wise inference ------------------------------------------------------------
+
+    def _fast(self, x: Tensor) -> bool:
+        return fast_softmax_ok("clipped_l2norm", self.lambda_softmax, x.dtype)
+
+    def prepare_images(self, img: Tensor, img_mask: Tensor) -> dict[str, Tensor]:
+        if not self._fast(img):
+            return {}
+        return {"gram1": gram_with_ones(img, img_mask), "sq": sq_norm(img)}
+
+    def prepare_captions(self, cap: Tensor, cap_mask: Tensor) -> dict[str, Tensor]:
+        from itm.models.align.scan import caption_cache
+
+        return caption_cache(cap, cap_mask, self.direction) if self._fast(cap) else {}
+
+    def score_block(self, img, img_mask, cap, cap_mask, pooling, img_cache, cap_cache, ws):
+        """Inference path: SCAN's in-place kernel with the focal selection applied to the
+        unnormalised weights (:func:`~itm.models.align.base.attend_cosine`), mean pooling."""
+        if not self._fast(img):
+            return self(img, img_mask, cap, cap_mask, pooling)
+        from itm.models.align.scan import scan_block
+
+        return scan_block(
+            ws,
+            img,
+            img_mask,
+            cap,
+            cap_mask,
+            None,
+            img_cache,
+            cap_cache,
+            self.direction,
+            "clipped_l2norm",
+            self.lambda_softmax,
+            focal=self.focal,
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-from itm.models.align.base import AlignHead, check_direction, region_word_scores
+from itm.models.align.base import (
+    AlignHead,
+    block_scores,
+    check_direction,
+    invalid_rows,
+    region_word_scores,
+)
 from itm.models.pooling import pool_scores
 
 
@@ -41,6 +48,31 @@ class CHAN(AlignHead):
             return pool_scores(pooling, words, cap_mask[None])
         regions = s.where(cap_mask[None, None], neg_inf).amax(dim=3)  # [B1, K, B2]
         return pool_scores(pooling, regions.transpose(1, 2), img_mask[:, None, :])
+
+    # --- block-wise inference ------------------------------------------------------------
+
+    def prepare_captions(self, cap: Tensor, cap_mask: Tensor) -> dict[str, Tensor]:
+        if self.direction == "t2i":
+            return {"t": cap.transpose(0, 1).contiguous()}  # word-major [L, B2, d]
+        return {}
+
+    def score_block(self, img, img_mask, cap, cap_mask, pooling, img_cache, cap_cache, ws):
+        """Inference path: one matrix product into a reused buffer (context items on axis 1,
+        the other modality item-major), padded context rows set to -inf in place, a max over
+        axis 1, then pooling of the ``[B1, B2, *]`` fragment maxima."""
+        if self.direction == "t2i":
+            s = block_scores(ws, "s", img, cap_cache["t"])  # [B1, K, L*B2]
+            ctx_mask, n_sets, pool_mask = img_mask, cap.shape[0], cap_mask[None]
+        else:
+            s = block_scores(ws, "s", cap, img.transpose(0, 1).contiguous())  # [B2, L, K*B1]
+            ctx_mask, n_sets, pool_mask = cap_mask, img.shape[0], img_mask[None]
+        bc, kc, n = s.shape
+        pad = invalid_rows(ctx_mask)
+        if pad is not None:
+            s.view(bc * kc, n).index_fill_(0, pad, float("-inf"))
+        best = torch.amax(s, dim=1).view(bc, n // n_sets, n_sets).transpose(1, 2)
+        out = pool_scores(pooling, best, pool_mask)
+        return out if self.direction == "t2i" else out.T
 
     def bytes_per_pair(self, n_regions: int, n_words: int, elem_size: int) -> int:
         """The score tensor and its masked copy (two ``[K, L]`` buffers per pair), plus the

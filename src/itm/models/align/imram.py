@@ -89,8 +89,10 @@ class MemoryDistillationUnit(nn.Module):
     def update(self, query: Tensor, pre: Tensor) -> Tensor:
         """New query from the pre-activations ``pre [..., 2d]`` (gate first, then candidate)."""
         g, cand = pre.split(self.embed_size, dim=-1)
-        # lerp(cand, q, g) = cand + g * (q - cand) = g * q + (1 - g) * cand
-        return torch.lerp(torch.tanh(cand), query, torch.sigmoid(g))
+        # lerp(cand, q, g) = cand + g * (q - cand) = g * q + (1 - g) * cand; one dtype (under
+        # autocast ``pre`` comes half from the Linear while ``query`` may be float32)
+        dtype = torch.promote_types(pre.dtype, query.dtype)
+        return torch.lerp(torch.tanh(cand).to(dtype), query.to(dtype), torch.sigmoid(g).to(dtype))
 
     def forward(self, query: Tensor, attended: Tensor) -> Tensor:
         """``query [..., d]``, ``attended [..., d]`` (broadcastable) -> new query ``[..., d]``."""
@@ -177,6 +179,45 @@ class IMRAM(AlignHead):
             out["i2t"] = torch.stack(self._image_steps(s, img, img_mask, cap, cap_mask, pooling))
         return out
 
+    # --- block-wise inference ------------------------------------------------------------
+
+    def prepare_captions(self, cap: Tensor, cap_mask: Tensor) -> dict[str, Tensor]:
+        """The caption block's share of the image-mode MDU (its attended half applied to every
+        word), computed once per caption block instead of once per (image, caption) block."""
+        if self.direction not in ("i2t", "both"):
+            return {}
+        _, w_a, bias = self.mdu_i2t.fused_weights()
+        return {"ctx_i2t": F.linear(cap, w_a, bias), "gram": gram(cap)}
+
+    def prepare_images(self, img: Tensor, img_mask: Tensor) -> dict[str, Tensor]:
+        return {"gram": gram(img)} if self.direction in ("t2i", "both") else {}
+
+    def score_block(self, img, img_mask, cap, cap_mask, pooling, img_cache, cap_cache, ws):
+        """Inference path: the batched steps with the per-caption / per-image quantities
+        (Gram matrices, the MDU's attended half of the words) computed once, not per block."""
+        self._check_size(img)
+        s = region_word_scores(img, cap)
+        out = None
+        if self.direction in ("t2i", "both"):
+            steps = self._text_steps(
+                s, img, img_mask, cap, cap_mask, pooling, img_gram=img_cache["gram"]
+            )
+            out = torch.stack(steps).sum(dim=0)
+        if self.direction in ("i2t", "both"):
+            steps = self._image_steps(
+                s,
+                img,
+                img_mask,
+                cap,
+                cap_mask,
+                pooling,
+                ctx=cap_cache["ctx_i2t"],
+                cap_gram=cap_cache["gram"],
+            )
+            part = torch.stack(steps).sum(dim=0)
+            out = part if out is None else out + part
+        return out
+
     def bytes_per_pair(self, n_regions: int, n_words: int, elem_size: int) -> int:
         """Workspace of one (image, caption) pair: per query fragment about ten live ``[d]``
         vectors (memory, the MDU's pre-activations [2d] and query half [2d], gate, candidate,
@@ -218,11 +259,13 @@ class IMRAM(AlignHead):
         cap: Tensor,
         cap_mask: Tensor,
         pooling: nn.Module,
+        img_gram: Tensor | None = None,
     ) -> list[Tensor]:
         """Text mode: the words' memory attends to the regions. Memory ``[B1, B2, L, d]``
         (``[B2, L, d]`` at step 1, shared by every image)."""
         b1, k, b2, n = s.shape
-        img_gram, cap_sq = gram(img), sq_norm(cap)
+        img_gram = gram(img) if img_gram is None else img_gram
+        cap_sq = sq_norm(cap)
         memory, scores, out = cap, s, []
         for step in range(self.steps):
             alpha = t2i_weights(scores, img_mask, cap_mask, self.feature_norm, self.lambda_softmax)
@@ -250,11 +293,15 @@ class IMRAM(AlignHead):
         cap: Tensor,
         cap_mask: Tensor,
         pooling: nn.Module,
+        ctx: Tensor | None = None,
+        cap_gram: Tensor | None = None,
     ) -> list[Tensor]:
         """Image mode: the regions' memory attends to the words. Memory ``[B2, B1, K, d]``
-        (``[B1, K, d]`` at step 1, shared by every caption)."""
+        (``[B1, K, d]`` at step 1, shared by every caption). ``ctx``: the MDU's attended half
+        of the words, ``[B2, L, 2d]`` (computed here when None)."""
         b1, k, b2, n = s.shape
-        cap_gram, img_sq = gram(cap), sq_norm(img)
+        cap_gram = gram(cap) if cap_gram is None else cap_gram
+        img_sq = sq_norm(img)
         pool_mask = img_mask[:, None, :]
         memory, scores, out = img, s, []
         for step in range(self.steps):
@@ -265,7 +312,8 @@ class IMRAM(AlignHead):
                 break
             if step == 0:  # the MDU's attended half of every word, once per block
                 w_q, w_a, bias = self.mdu_i2t.fused_weights()
-                ctx = F.linear(cap, w_a, bias)  # [B2, L, 2d]
+                if ctx is None:
+                    ctx = F.linear(cap, w_a, bias)  # [B2, L, 2d]
             # MDU(att) for att[j, i, r] = sum_w alpha[i, r, j, w] e[j, w]: [B2, B1*K, L] @ ctx
             pre = torch.bmm(alpha.permute(2, 0, 1, 3).reshape(b2, b1 * k, n), ctx)
             memory = self._next_memory(self.mdu_i2t, w_q, memory, pre.view(b2, b1, k, -1))

@@ -1,0 +1,291 @@
+"""Evaluation of saved checkpoints: ``evaluate(cfg) -> metrics`` (``eval.py`` / ``itm-eval``).
+
+    python eval.py ckpt_path=outputs/train/runs/<run>/checkpoints/best.ckpt
+    python eval.py ckpt_path=... data=coco eval.protocol=coco1k+5k
+    python eval.py 'ckpt_path=[a.ckpt,b.ckpt]'                 # ensemble: averaged matrices
+    python eval.py ckpt_path=a.ckpt eval.save_matrix=true       # also writes sims_0.npy
+    python eval.py 'eval.matrices=[run1/sims_0.npy,run2/sims_0.npy]'   # ensemble saved ones
+
+Each checkpoint is rebuilt from the model config it carries (``hyper_parameters.cfg``, loaded
+with ``weights_only=True``), every image and caption of the split is encoded ONCE, and the full
+``[N_img, N_cap]`` matrix is scored by ``Similarity.score_matrix`` under ``eval.max_block_mb``.
+The data: ``data=...`` when given, otherwise the data config of the checkpoint's own run
+(``.hydra/config.yaml`` in a parent folder of the checkpoint). Results (R@1/5/10, medr, meanr per
+direction, rsum; COCO 1K = the 5-fold mean with rsum summed from the averaged recalls) are
+printed and written atomically to ``results.json`` and ``results.md`` in the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from itm.metrics import PROTOCOLS, ensemble, evaluate_protocol
+from itm.metrics.recall import METRIC_KEYS
+from itm.utils import format_metrics_table
+
+log = logging.getLogger(__name__)
+
+__all__ = ["encode_split", "evaluate", "load_checkpoint", "score_checkpoint"]
+
+
+# --- checkpoints and data ---------------------------------------------------------------------
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
+    """Rebuild an :class:`~itm.models.module.ITMModule` from a Lightning checkpoint (its
+    hyperparameters carry the resolved model config), weights loaded, in eval mode."""
+    from itm.models.module import ITMModule
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # older / foreign checkpoints with pickled objects
+        log.warning(
+            "weights_only load of %s failed (%s); loading it fully (trusted file)", path, err
+        )
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    hparams = ckpt.get("hyper_parameters") or {}
+    if "cfg" not in hparams:
+        raise ValueError(f"{path} holds no model config (hyper_parameters.cfg): not an itm run?")
+    model = ITMModule(hparams["cfg"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device).eval()
+
+
+def run_config(ckpt: str | Path) -> DictConfig | None:
+    """The Hydra config of the run that wrote ``ckpt`` (``.hydra/config.yaml`` in a parent)."""
+    for parent in list(Path(ckpt).resolve().parents)[:4]:
+        candidate = parent / ".hydra" / "config.yaml"
+        if candidate.is_file():
+            return OmegaConf.load(candidate)
+    return None
+
+
+def data_config(cfg: DictConfig, ckpt: str | Path | None) -> DictConfig:
+    """``cfg.data`` when given, else the data node of the checkpoint's run."""
+    if cfg.get("data") is not None:
+        return cfg.data
+    run = run_config(ckpt) if ckpt is not None else None
+    if run is None or run.get("data") is None:
+        raise ValueError(
+            f"no data config: pass data=... (synthetic | f30k | coco | precomp), or keep the "
+            f"checkpoint inside its run folder (with .hydra/config.yaml); checkpoint: {ckpt}"
+        )
+    data = run.data
+    if "paths" in run and "paths" in cfg:  # the run's paths may point elsewhere: keep ours
+        merged = OmegaConf.merge({"paths": cfg.paths}, {"data": data})
+        return merged.data
+    return data
+
+
+def build_data(cfg: DictConfig, data_cfg: DictConfig, model_cfg: Mapping[str, Any]):
+    from hydra.utils import instantiate
+
+    dm = instantiate(data_cfg, _convert_="all")
+    text = model_cfg.get("text_encoder", {})
+    if "path" in text:  # a pretrained (BERT) text encoder brings its own tokenizer
+        from itm.data.tokenizers import BertCaptionTokenizer
+
+        dm.tokenizer = BertCaptionTokenizer(text["path"])
+    if cfg.eval.get("batch_size"):
+        dm.eval_batch_size = int(cfg.eval.batch_size)
+    return dm
+
+
+# --- encoding and scoring ----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_split(model, dm, split: str) -> dict[str, torch.Tensor]:
+    """Encode every image and caption of ``split`` once, in dataset order."""
+    from itm.models.module import pad_cat
+
+    device = next(model.parameters()).device
+    img_loader, cap_loader = dm.eval_dataloaders(split)
+    imgs, img_lens, caps, cap_lens, cap_img = [], [], [], [], []
+    for b in img_loader:
+        emb, lens = model.encode_images(b["images"].to(device), b["img_lens"].to(device))
+        imgs.append(emb)
+        img_lens.append(lens)
+    for b in cap_loader:
+        emb, lens = model.encode_captions(b["captions"].to(device), b["cap_lens"].to(device))
+        caps.append(emb)
+        cap_lens.append(lens)
+        cap_img.append(b["cap_img_ids"])
+    return {
+        "img": pad_cat(imgs),
+        "img_lens": torch.cat(img_lens),
+        "cap": pad_cat(caps),
+        "cap_lens": torch.cat(cap_lens),
+        "cap_to_img": torch.cat(cap_img),
+    }
+
+
+def score_checkpoint(
+    ckpt: str | Path, cfg: DictConfig, split: str, device: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(sims [N_img, N_cap] float32, cap_to_img [N_cap])`` of one checkpoint."""
+    model = load_checkpoint(ckpt, device)
+    dm = build_data(cfg, data_config(cfg, ckpt), model.cfg)
+    t0 = time.perf_counter()
+    e = encode_split(model, dm, split)
+    t1 = time.perf_counter()
+    sims = model.similarity.score_matrix(
+        e["img"], e["img_lens"], e["cap"], e["cap_lens"], float(cfg.eval.max_block_mb)
+    )
+    t2 = time.perf_counter()
+    n_img, n_cap = sims.shape
+    log.info(
+        "%s: encoded %d images + %d captions in %.1f s, scored %d pairs in %.1f s (%.0f pairs/s)",
+        ckpt,
+        n_img,
+        n_cap,
+        t1 - t0,
+        n_img * n_cap,
+        t2 - t1,
+        n_img * n_cap / max(t2 - t1, 1e-9),
+    )
+    return sims.float().cpu().numpy(), e["cap_to_img"].cpu().numpy()
+
+
+# --- results -----------------------------------------------------------------------------------
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as fh:  # a file object: np.save would append ".npy" to a name
+        np.save(fh, array)
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def results_markdown(results: Mapping[str, Any], title: str) -> str:
+    """A Markdown table: one row per protocol, R@1/5/10, medr, meanr per direction, rsum."""
+    cols = [k for k in METRIC_KEYS]
+    lines = [f"# {title}", "", "| protocol | " + " | ".join(cols) + " |"]
+    lines.append("|---" * (len(cols) + 1) + "|")
+    for name, m in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{m[k]:.2f}" for k in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _protocol_results(sims: np.ndarray, protocol: str, cfg: DictConfig) -> dict[str, dict]:
+    """``{protocol name: metrics}`` (coco1k+5k gives two entries)."""
+    out = evaluate_protocol(
+        sims,
+        protocol,
+        int(cfg.eval.captions_per_image),
+        fold_images=int(cfg.eval.fold_images),
+    )
+    if protocol == "coco1k+5k":
+        return {"coco1k": out["coco1k"], "coco5k": out["coco5k"]}
+    return {protocol: out}
+
+
+def resolve_protocol(cfg: DictConfig) -> str:
+    """``protocol=`` (the issue's spelling) overrides ``eval.protocol``."""
+    protocol = cfg.get("protocol") or cfg.eval.get("protocol") or "f30k"
+    protocol = str(protocol).strip().lower()
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {list(PROTOCOLS)}")
+    return protocol
+
+
+def _as_list(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [str(v) for v in value]
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Evaluate one checkpoint, an ensemble of checkpoints and / or saved score matrices.
+
+    Returns a flat dict ``{"<protocol>/<metric>": value}`` (e.g. ``f30k/rsum``); writes
+    ``results.json`` (also per-fold COCO 1K figures), ``results.md`` and, with
+    ``eval.save_matrix``, one ``sims_<i>.npy`` per checkpoint to ``eval.output_dir``.
+    """
+    protocol = resolve_protocol(cfg)
+    ckpts = _as_list(cfg.get("ckpt_path"))
+    saved = _as_list(cfg.eval.get("matrices"))
+    if not ckpts and not saved:
+        raise ValueError("nothing to evaluate: pass ckpt_path=... and / or eval.matrices=[...]")
+    split = cfg.eval.get("split") or ("testall" if protocol.startswith("coco") else "test")
+    device = str(cfg.eval.get("device") or "auto")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    out_dir = Path(cfg.eval.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    matrices, sources, mapping = [], [], None
+    for i, ckpt in enumerate(ckpts):
+        sims, cap_to_img = score_checkpoint(ckpt, cfg, split, device)
+        mapping = cap_to_img if mapping is None else mapping
+        if not np.array_equal(mapping, cap_to_img):
+            raise ValueError(f"{ckpt}: its data differs from the first checkpoint's")
+        if cfg.eval.get("save_matrix"):
+            path = out_dir / f"sims_{i}.npy"
+            _atomic_write(path, lambda tmp, s=sims: _save_npy(tmp, s))
+            log.info("saved the score matrix of %s to %s", ckpt, path)
+        matrices.append(sims)
+        sources.append(str(ckpt))
+    for path in saved:
+        m = np.load(path, mmap_mode="r")
+        matrices.append(np.asarray(m, dtype=np.float32))
+        sources.append(str(path))
+    cpi = int(cfg.eval.captions_per_image)
+    if mapping is not None:
+        expected = np.arange(len(mapping)) // cpi
+        if not np.array_equal(mapping, expected):
+            raise ValueError(
+                f"the evaluation protocols expect caption c to belong to image c // {cpi} "
+                "(the public file order); this split is laid out differently"
+            )
+    sims = ensemble(matrices) if len(matrices) > 1 else matrices[0]
+    results = _protocol_results(sims, protocol, cfg)
+
+    title = "ensemble of " + ", ".join(sources) if len(sources) > 1 else sources[0]
+    for name, metrics in results.items():
+        print(f"\n{format_metrics_table(metrics, title=name)}", flush=True)
+    print(f"({title}; split {split}; {sims.shape[0]} images x {sims.shape[1]} captions)")
+    payload = {
+        "protocol": protocol,
+        "split": split,
+        "sources": sources,
+        "shape": list(sims.shape),
+        "results": results,
+    }
+    _atomic_write(
+        out_dir / "results.json",
+        lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2) + "\n"),
+    )
+    md = {name: m for name, m in results.items()}
+    _atomic_write(
+        out_dir / "results.md", lambda tmp: Path(tmp).write_text(results_markdown(md, title))
+    )
+    print(f"results: {out_dir / 'results.json'}, {out_dir / 'results.md'}", flush=True)
+    return {f"{name}/{k}": float(m[k]) for name, m in results.items() for k in METRIC_KEYS}
+
+
+def with_output_dir(cfg: DictConfig, output_dir: str) -> DictConfig:
+    """Set ``eval.output_dir`` when unset (the Hydra run folder)."""
+    if not cfg.eval.get("output_dir"):
+        with open_dict(cfg):
+            cfg.eval.output_dir = output_dir
+    return cfg
