@@ -8,6 +8,8 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from itm.checkpoint import prepare_resume, resolve_resume_path, use_atomic_checkpoint_io
+from itm.distributed import install_hydra_ddp_launcher, release_job_processes
 from itm.models.module import ITMModule
 from itm.utils import format_metrics_table, instantiate_loggers
 
@@ -33,23 +35,65 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
     return dm
 
 
+def _progress_bar_kwargs(cfg: DictConfig, callbacks: list) -> dict:
+    """``enable_progress_bar=False`` when no progress-bar callback is configured and stdout is not
+    a terminal (Lightning's default tqdm bar would flood CI / SLURM logs)."""
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from itm.callbacks import progress_enabled
+
+    if "enable_progress_bar" in cfg.trainer or any(isinstance(c, ProgressBar) for c in callbacks):
+        return {}
+    return {} if progress_enabled("auto") else {"enable_progress_bar": False}
+
+
+def finish_loggers(loggers: list, failed: bool = False) -> None:
+    """End every W&B run of ``loggers`` (``wandb.finish``; exit code 1 after a failure)."""
+    for lg in loggers:
+        finish = getattr(lg, "finish", None)
+        if callable(finish):
+            finish(exit_code=1 if failed else 0)
+            continue
+        exp = getattr(lg, "_experiment", None)  # a plain Lightning WandbLogger
+        if "Wandb" in type(lg).__name__ and exp is not None and hasattr(exp, "finish"):
+            exp.finish(exit_code=1 if failed else 0)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit a model, evaluate the best checkpoint on the test split, return all metrics.
 
     Returns a flat dict: ``dev/best_rsum`` (the model-selection objective), every ``test/*``
     figure (when ``cfg.test``), and ``ckpt_path`` of the best checkpoint is logged.
+
+    Every W&B run is finished when this returns or raises (one run per multirun job). Under
+    ``strategy=ddp`` the other ranks are started for this job only and released at its end
+    (:mod:`itm.distributed`).
     """
+    install_hydra_ddp_launcher()
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
-    dm = build_datamodule(cfg)
-    model = ITMModule(OmegaConf.to_container(cfg.model, resolve=True))
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    loggers = instantiate_loggers(cfg.get("logger"))
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    loggers: list = []
+    trainer: pl.Trainer | None = None
+    failed = False
     try:
-        trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+        ckpt_path = resolve_resume_path(cfg)  # ckpt_path=last -> the newest last.ckpt
+        dm = build_datamodule(cfg)
+        model = ITMModule(OmegaConf.to_container(cfg.model, resolve=True))
+        callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+        if ckpt_path is not None:  # readable, same architecture; checkpoints continue in place
+            prepare_resume(ckpt_path, model.cfg, callbacks)
+        loggers = instantiate_loggers(cfg.get("logger"))
+        trainer = instantiate(
+            cfg.trainer,
+            callbacks=callbacks,
+            logger=loggers or False,
+            **_progress_bar_kwargs(cfg, callbacks),
+        )
+        use_atomic_checkpoint_io(trainer)
+        for lg in loggers:
+            # the resolved config as a nested dict (W&B shows it as a tree)
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
         metrics: dict[str, float] = {}
         ckpt_cb = trainer.checkpoint_callback
         if ckpt_cb is not None and ckpt_cb.best_model_score is not None:
@@ -69,9 +113,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 print("\n" + format_metrics_table(test, title="test") + "\n", flush=True)
                 if best:
                     print(f"best checkpoint: {best}", flush=True)
-        return metrics
-    finally:
         for lg in loggers:
-            finish = getattr(getattr(lg, "experiment", None), "finish", None)
-            if "Wandb" in type(lg).__name__ and callable(finish):
-                finish()
+            if hasattr(lg, "log_summary"):
+                lg.log_summary(metrics)
+        return metrics
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        finish_loggers(loggers, failed)
+        if trainer is not None:
+            release_job_processes(trainer, failed=failed)

@@ -35,6 +35,39 @@ def pad_cat(chunks: list[Tensor], dim: int = 1, value: float = 0.0) -> Tensor:
     return torch.cat(padded, dim=0)
 
 
+def check_lengths(name: str, lengths: Tensor, x: Tensor, items: str) -> None:
+    """``lengths [B]`` must count 1..``x.shape[1]`` valid items per row of ``x [B, N, ...]``
+    (a set with no region / token cannot be matched; a length past the padded size would
+    read padding). Raises ``ValueError`` naming the batch field and the offending values."""
+    if x.dim() < 2 or lengths.dim() != 1 or lengths.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"{name} must have shape [{x.shape[0]}] for a batch of shape {tuple(x.shape)}, "
+            f"got {tuple(lengths.shape)}"
+        )
+    if lengths.numel() == 0:
+        return
+    lo, hi = int(lengths.min()), int(lengths.max())
+    if lo < 1 or hi > x.shape[1]:
+        bad = int(((lengths < 1) | (lengths > x.shape[1])).nonzero()[0, 0])
+        raise ValueError(
+            f"{name} must lie in 1..{x.shape[1]} (the padded number of {items}), got "
+            f"{int(lengths[bad])} at batch position {bad} (min {lo}, max {hi})"
+        )
+
+
+def same_dtype(img: Tensor, cap: Tensor) -> tuple[Tensor, Tensor]:
+    """Image and caption embeddings in one dtype: under autocast its dtype (an image encoder's
+    Linear returns half, a GRU float32), else the promoted one."""
+    if img.dtype == cap.dtype:
+        return img, cap
+    device = img.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = torch.promote_types(img.dtype, cap.dtype)
+    return img.to(dtype), cap.to(dtype)
+
+
 class ITMModule(pl.LightningModule):
     """Image-text matching model.
 
@@ -58,6 +91,8 @@ class ITMModule(pl.LightningModule):
         self.similarity = Similarity(instantiate(cfg["align"]), instantiate(cfg["pooling"]))
         self.criterion = instantiate(cfg["loss"])
         self.warmup_epochs = int(cfg.get("warmup_epochs", 0))
+        # DDP: hardest negatives over the batch of all ranks (itm.models.gather)
+        self.loss_gather = bool(cfg.get("loss_gather", False))
         self.eval_max_block_mb = float(cfg.get("eval_max_block_mb", 256))
         self._eval_buffers: dict[str, list[tuple[Tensor, ...]]] = {"img": [], "cap": []}
         self._epoch_start = 0.0
@@ -72,16 +107,19 @@ class ITMModule(pl.LightningModule):
 
     def encode_images(self, images: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """``images [B, K, img_dim]`` -> (``[B, K', d]``, lengths ``[B]``)."""
+        check_lengths("img_lens", lengths, images, "regions")
         return self._unpack(self.image_encoder(images, lengths), lengths)
 
     def encode_captions(self, tokens: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """``tokens [B, L]`` -> (``[B, L', d]``, lengths ``[B]``)."""
+        check_lengths("cap_lens", lengths, tokens, "tokens")
         return self._unpack(self.text_encoder(tokens, lengths), lengths)
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         """Scores ``[B, B]`` of a training batch (image i with caption j)."""
         img, img_lens = self.encode_images(batch["images"], batch["img_lens"])
         cap, cap_lens = self.encode_captions(batch["captions"], batch["cap_lens"])
+        img, cap = same_dtype(img, cap)
         return self.similarity(img, img_lens, cap, cap_lens)
 
     # --- training ---------------------------------------------------------------------------
@@ -91,18 +129,45 @@ class ITMModule(pl.LightningModule):
         self._epoch_samples = 0
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        sims = self(batch)
         hardest = self.current_epoch >= self.warmup_epochs
-        loss = self.criterion(
-            sims,
-            max_violation=hardest and self.criterion.max_violation,
-            img_ids=batch["img_ids"],
-            cap_img_ids=batch["img_ids"],
-        )
-        n = sims.shape[0]
+        if self.loss_gather and self._trainer is not None and self.trainer.world_size > 1:
+            loss = self._gathered_loss(batch, hardest and self.criterion.max_violation)
+            n = batch["images"].shape[0]
+        else:
+            sims = self(batch)
+            loss = self.criterion(
+                sims,
+                max_violation=hardest and self.criterion.max_violation,
+                img_ids=batch["img_ids"],
+                cap_img_ids=batch["img_ids"],
+            )
+            n = sims.shape[0]
         self._epoch_samples += n
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
+        return loss
+
+    def _gathered_loss(self, batch: Mapping[str, Tensor], max_violation: bool) -> Tensor:
+        """This rank's share of the loss of the global batch: local images x all captions and
+        all images x local captions, embeddings gathered with gradients (itm.models.gather)."""
+        from itm.models.gather import gathered_contrastive_loss
+
+        img, img_lens = self.encode_images(batch["images"], batch["img_lens"])
+        cap, cap_lens = self.encode_captions(batch["captions"], batch["cap_lens"])
+        loss, _ = gathered_contrastive_loss(
+            self.similarity,
+            img,
+            img_lens,
+            cap,
+            cap_lens,
+            all_gather=lambda t, sync_grads: self.all_gather(t, sync_grads=sync_grads),
+            rank=self.global_rank,
+            margin=self.criterion.margin,
+            max_violation=max_violation,
+            cap_ids=batch.get("cap_ids"),
+            img_ids=batch["img_ids"],
+            mask_false_negatives=self.criterion.mask_false_negatives,
+        )
         return loss
 
     def on_train_epoch_end(self) -> None:
@@ -142,6 +207,28 @@ class ITMModule(pl.LightningModule):
         if rest:
             groups.insert(0, {"params": rest, "lr": base_lr})
         return groups
+
+    # --- checkpoints (exact resume; itm.checkpoint) -----------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the global RNG states (torch, CUDA, numpy, Python): with them a resumed run
+        replays the same data order and random augmentation as an uninterrupted one."""
+        from itm.checkpoint import RNG_KEY, collect_rng_state
+
+        checkpoint[RNG_KEY] = collect_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another architecture (naming the differing config keys);
+        when ``trainer.fit`` resumes, put back the RNG states saved with it."""
+        from itm.checkpoint import check_model_config, restore_rng_state, rng_state_from
+
+        saved = (checkpoint.get("hyper_parameters") or {}).get("cfg")
+        if isinstance(saved, Mapping):
+            check_model_config(saved, self.cfg)
+        state = rng_state_from(checkpoint)
+        trainer = self._trainer
+        if state is not None and trainer is not None and trainer.state.fn == "fit":
+            restore_rng_state(state)
 
     # --- evaluation -------------------------------------------------------------------------
 
@@ -197,12 +284,26 @@ class ITMModule(pl.LightningModule):
 
     def _evaluate(self, split: str) -> dict[str, float]:
         e = self.gathered_embeddings()
+        # mixed precision: embeddings come out of autocast in half (images: Linear) or float32
+        # (captions: GRU); the full-matrix scoring runs outside autocast, in float32
+        for key in ("img", "cap"):
+            if e[key].dtype in (torch.float16, torch.bfloat16):
+                e[key] = e[key].float()
         metric = RetrievalRecall(cap_to_img=e["cap_to_img"].cpu()).to(self.device)
         rank, world = self.global_rank, self.trainer.world_size if self.trainer else 1
         rows = torch.arange(rank, e["img"].shape[0], world, device=e["img"].device)
-        sims = self.similarity.score_matrix(
-            e["img"][rows], e["img_lens"][rows], e["cap"], e["cap_lens"], self.eval_max_block_mb
-        )
+        from itm.callbacks import scoring_progress
+
+        n_pairs = rows.numel() * e["cap"].shape[0]
+        with scoring_progress(self, n_pairs, f"{split} scoring") as progress:
+            sims = self.similarity.score_matrix(
+                e["img"][rows],
+                e["img_lens"][rows],
+                e["cap"],
+                e["cap_lens"],
+                self.eval_max_block_mb,
+                progress=progress,
+            )
         metric.update(sims, rows)
         results = {k: float(v) for k, v in metric.compute().items()}
         self.log_dict({f"{split}/{k}": v for k, v in results.items()}, sync_dist=False)
@@ -227,4 +328,4 @@ def _first_occurrence(ids: Tensor) -> tuple[Tensor, Tensor]:
     return uniq, first
 
 
-__all__ = ["ITMModule", "pad_cat"]
+__all__ = ["ITMModule", "check_lengths", "pad_cat"]

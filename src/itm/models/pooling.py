@@ -4,6 +4,13 @@ Every pooling module maps ``x [..., N, D]`` with ``mask [..., N]`` (True = valid
 only needs to broadcast against ``x.shape[:-1]``) to ``[..., D]``. Values at invalid positions may
 be arbitrary finite numbers: they never reach the result, nor its gradient. A set of scalar
 fragment scores is the case ``D = 1`` (see :func:`pool_scores`).
+
+Numerics (tested in ``tests/test_numerics.py``):
+
+- an EMPTY set (no valid item) pools to 0 with every module, with a finite (zero) gradient;
+- float16 / bfloat16 inputs are reduced in float32 (sums, log-sum-exp) and the result is cast
+  back, so ``LSEPool(20)`` neither overflows nor loses the small terms of the sum;
+- LSE is max-shifted: any finite ``lambda * x`` is safe.
 """
 
 from __future__ import annotations
@@ -28,28 +35,42 @@ def _valid(x: Tensor, mask: Tensor) -> Tensor:
     return mask.unsqueeze(-1).expand(*x.shape[:-1], 1)
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _work_dtype(x: Tensor) -> torch.dtype:
+    """float32 for half-precision inputs (reductions and exp/log run in it), else ``x``'s."""
+    return torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+
+
 class AvgPool(SetPooling):
     """Mean over the valid items."""
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         valid = _valid(x, mask)
-        total = torch.where(valid, x, x.new_zeros(())).sum(dim=-2)
-        count = valid.sum(dim=-2).clamp_min(1).to(x.dtype)
-        return total / count
+        work = _work_dtype(x)
+        total = torch.where(valid, x, x.new_zeros(())).sum(dim=-2, dtype=work)
+        count = valid.sum(dim=-2).clamp_min(1).to(work)
+        return (total / count).to(x.dtype)
 
 
 class SumPool(SetPooling):
     """Sum over the valid items."""
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        return torch.where(_valid(x, mask), x, x.new_zeros(())).sum(dim=-2)
+        total = torch.where(_valid(x, mask), x, x.new_zeros(())).sum(dim=-2, dtype=_work_dtype(x))
+        return total.to(x.dtype)
 
 
 class MaxPool(SetPooling):
-    """Maximum over the valid items."""
+    """Maximum over the valid items (0 for an empty set)."""
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        return torch.where(_valid(x, mask), x, x.new_full((), float("-inf"))).amax(dim=-2)
+        if x.shape[-2] == 0:
+            return x.new_zeros(*x.shape[:-2], x.shape[-1])
+        out = torch.where(_valid(x, mask), x, x.new_full((), float("-inf"))).amax(dim=-2)
+        # an empty set gives -inf above; inputs are finite, so -inf marks exactly those
+        return torch.where(torch.isneginf(out), out.new_zeros(()), out)
 
 
 class LSEPool(SetPooling):
@@ -70,11 +91,20 @@ class LSEPool(SetPooling):
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         valid = _valid(x, mask)
-        z = torch.where(valid, x * self.lambda_lse, x.new_full((), float("-inf")))
+        xw = x.to(_work_dtype(x))  # float32 for half inputs: lambda * x and exp/log/sum
+        z = torch.where(valid, xw * self.lambda_lse, xw.new_full((), float("-inf")))
+        if x.shape[-2] == 0:
+            return x.new_zeros(*x.shape[:-2], x.shape[-1])
         shift = z.amax(dim=-2, keepdim=True).detach()
+        # An empty set has shift -inf: use 0 there (then every term is exp(-inf) = 0).
+        shift = torch.where(torch.isneginf(shift), shift.new_zeros(()), shift)
         # Shifted exponentials of invalid items are exp(-inf) = 0 exactly.
-        out = torch.log(torch.exp(z - shift).sum(dim=-2)) + shift.squeeze(-2)
-        return out / self.lambda_lse if self.rescale else out
+        total = torch.exp(z - shift).sum(dim=-2)
+        empty = total == 0  # only an empty set: a valid item's term is exp(0) = 1 at its max
+        total = torch.where(empty, total.new_ones(()), total)  # log(1) = 0, finite gradient
+        out = torch.log(total) + shift.squeeze(-2)
+        out = out / self.lambda_lse if self.rescale else out
+        return out.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"lambda_lse={self.lambda_lse}, rescale={self.rescale}"

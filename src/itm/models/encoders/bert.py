@@ -97,7 +97,8 @@ class BertTextEncoder(nn.Module):
             raise ValueError(f"word_aug must lie in [0, 1], got {word_aug}")
         path = str(path)
         directory = Path(path).expanduser()
-        if not directory.is_dir():
+        # "" would resolve to the working directory: an unset path, not a directory
+        if path.strip() in ("", "???") or not directory.is_dir():
             raise _missing_path_error(path)
         if not (directory / "config.json").is_file():
             raise FileNotFoundError(

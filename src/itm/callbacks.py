@@ -1,0 +1,232 @@
+"""Training callbacks: rich progress bars (off when not a terminal) and alignment pictures.
+
+- :class:`RichProgress`: Lightning's ``RichProgressBar`` that switches itself off when stdout is
+  not a terminal (CI logs, pytest, SLURM output files) unless ``ITM_PROGRESS=1``.
+- :func:`scoring_progress`: a progress callback for block-wise evaluation scoring
+  (``Similarity.score_matrix(..., progress=...)``), shown as a task of the trainer's rich bar.
+- :class:`AlignmentImages`: after each validation, logs region-word attention pictures of a few
+  fixed dev pairs to every logger that can log images (W&B).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, RichProgressBar
+
+__all__ = ["AlignmentImages", "RichProgress", "progress_enabled", "scoring_progress"]
+
+
+def progress_enabled(setting: bool | str | None = "auto") -> bool:
+    """Whether to draw progress bars: ``True``/``False``, or ``"auto"`` = stdout is a terminal.
+
+    The environment variable ``ITM_PROGRESS`` (``0``/``1``) overrides ``"auto"``.
+    """
+    if isinstance(setting, bool):
+        return setting
+    env = os.environ.get("ITM_PROGRESS")
+    if env is not None and env.strip() != "":
+        return env.strip().lower() not in ("0", "false", "no", "off")
+    stream = sys.stdout
+    return bool(getattr(stream, "isatty", lambda: False)()) and "PYTEST_CURRENT_TEST" not in (
+        os.environ
+    )
+
+
+class RichProgress(RichProgressBar):
+    """``RichProgressBar`` that is disabled when not drawing to a terminal.
+
+    Args:
+        enable: ``"auto"`` (default: on only when stdout is a TTY; ``ITM_PROGRESS`` overrides),
+            ``True`` or ``False``.
+        refresh_rate, leave, **kwargs: see ``lightning.pytorch.callbacks.RichProgressBar``.
+    """
+
+    def __init__(
+        self, enable: bool | str = "auto", refresh_rate: int = 1, leave: bool = False, **kwargs
+    ) -> None:
+        super().__init__(refresh_rate=refresh_rate, leave=leave, **kwargs)
+        if not progress_enabled(enable):
+            self.disable()
+
+
+@contextlib.contextmanager
+def scoring_progress(
+    module: Any, total: int, description: str = "scoring"
+) -> Iterator[Callable[[int], None] | None]:
+    """Progress of block-wise scoring (``total`` pairs) as a task of the trainer's rich bar.
+
+    Yields a callback ``progress(n_pairs)`` for ``Similarity.score_matrix(..., progress=...)``,
+    or ``None`` when no bar is shown (no TTY, not rank 0, no rich bar): then it costs nothing.
+    """
+    trainer = getattr(module, "_trainer", None)
+    bar = getattr(trainer, "progress_bar_callback", None) if trainer is not None else None
+    progress = getattr(bar, "progress", None)
+    if (
+        not isinstance(bar, RichProgressBar)
+        or not bar.is_enabled
+        or progress is None
+        or not trainer.is_global_zero
+    ):
+        yield None
+        return
+    task = progress.add_task(f"[cyan]{description}", total=max(int(total), 1))
+
+    def advance(n: int) -> None:
+        progress.update(task, advance=int(n))
+        progress.refresh()
+
+    try:
+        yield advance
+    finally:
+        with contextlib.suppress(Exception):
+            progress.remove_task(task)
+            progress.refresh()
+
+
+@dataclass
+class _Example:
+    images: torch.Tensor  # [K, D]
+    img_len: int
+    tokens: torch.Tensor  # [L]
+    cap_len: int
+    words: list[str]
+    boxes: np.ndarray | None
+    highlight: list[int | None] | None
+    title: str
+
+
+class AlignmentImages(Callback):
+    """Log region-word attention pictures of fixed dev pairs after every validation.
+
+    The pairs are the first caption of each of the first ``n_examples`` images of ``split``
+    (fixed across epochs, so the pictures show how alignment develops). Each picture is
+    :func:`itm.viz.plot_attention` of :func:`itm.viz.attention_map` (boxes drawn when the split
+    has ``boxes``; on synthetic data the planted region of each concept word is outlined).
+    Logged under ``<split>/alignment`` to each logger with a ``log_image`` method (W&B); does
+    nothing without one. Rank 0 only.
+
+    Args:
+        n_examples: pairs shown.
+        split: data split to take the pairs from.
+        every_n_epochs: log every n validations.
+        key: the logged key's suffix.
+    """
+
+    def __init__(
+        self,
+        n_examples: int = 4,
+        split: str = "dev",
+        every_n_epochs: int = 1,
+        key: str = "alignment",
+    ) -> None:
+        self.n_examples = int(n_examples)
+        self.split = split
+        self.every_n_epochs = max(1, int(every_n_epochs))
+        self.key = key
+        self._examples: list[_Example] | None = None
+        self._calls = 0
+
+    @staticmethod
+    def image_loggers(trainer: pl.Trainer) -> list[Any]:
+        return [lg for lg in trainer.loggers if callable(getattr(lg, "log_image", None))]
+
+    def examples(self, trainer: pl.Trainer) -> list[_Example]:
+        """The fixed pairs (read once from the datamodule)."""
+        if self._examples is not None:
+            return self._examples
+        from itm.viz import token_labels
+
+        dm = trainer.datamodule
+        self._examples = []
+        if dm is None or not hasattr(dm, "get_split") or self.n_examples <= 0:
+            return self._examples
+        store = dm.get_split(self.split)
+        tokenizer = getattr(dm, "caption_tokenizer", None) or dm.vocab
+        cap_to_img = np.asarray(store.cap_to_img)
+        boxes = getattr(store, "boxes", None)
+        for i in range(min(self.n_examples, len(store.images))):
+            hits = np.flatnonzero(cap_to_img == i)
+            if hits.size == 0:
+                continue
+            c = int(hits[0])
+            feats = torch.from_numpy(np.array(store.images[i], dtype=np.float32))
+            ids = list(tokenizer.encode(store.captions[c]))
+            words = token_labels(tokenizer, ids)
+            self._examples.append(
+                _Example(
+                    images=feats,
+                    img_len=int(feats.shape[0]),
+                    tokens=torch.tensor(ids, dtype=torch.int64),
+                    cap_len=len(ids),
+                    words=words,
+                    boxes=None if boxes is None else np.asarray(boxes[i]),
+                    highlight=_planted_regions(store, i, c, words),
+                    title=f"{self.split} image {i}, caption {c}",
+                )
+            )
+        return self._examples
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        loggers = self.image_loggers(trainer)
+        if not loggers:
+            return
+        self._calls += 1
+        if (self._calls - 1) % self.every_n_epochs:
+            return
+        from itm.viz import attention_map, figure_to_array, plot_attention
+
+        pictures, captions = [], []
+        for ex in self.examples(trainer):
+            att = attention_map(pl_module, ex.images, ex.img_len, ex.tokens, ex.cap_len)
+            fig = plot_attention(
+                att, ex.words, boxes=ex.boxes, highlight=ex.highlight, title=ex.title
+            )
+            pictures.append(figure_to_array(fig))
+            captions.append(f"{ex.title} (epoch {trainer.current_epoch})")
+        if not pictures:
+            return
+        pictures = _pad_to_common_size(pictures)
+        for lg in loggers:
+            lg.log_image(
+                key=f"{self.split}/{self.key}",
+                images=pictures,
+                step=trainer.global_step,
+                caption=captions,
+            )
+
+
+def _planted_regions(store: Any, img: int, cap: int, words: list[str]) -> list[int | None] | None:
+    """Synthetic data only: per token, the region holding the concept the token names."""
+    concepts = getattr(store, "concepts", None)
+    regions = getattr(store, "concept_regions", None)
+    concept_words = getattr(store, "concept_words", None)
+    if concepts is None or regions is None or concept_words is None:
+        return None
+    where = {
+        concept_words[int(c)]: int(r) for c, r in zip(concepts[img], regions[img], strict=False)
+    }
+    return [where.get(w) for w in words]
+
+
+def _pad_to_common_size(pictures: list[np.ndarray]) -> list[np.ndarray]:
+    """Pad ``[H, W, 3]`` uint8 pictures with white to one size (W&B shows a list of images
+    correctly only when their sizes match)."""
+    h = max(p.shape[0] for p in pictures)
+    w = max(p.shape[1] for p in pictures)
+    out = []
+    for p in pictures:
+        canvas = np.full((h, w, 3), 255, dtype=np.uint8)
+        canvas[: p.shape[0], : p.shape[1]] = p
+        out.append(canvas)
+    return out

@@ -1,0 +1,378 @@
+"""Checkpoints: atomic writes, exact resume (RNG state), ``ckpt_path=last``, config checks.
+
+- :class:`AtomicCheckpointIO`: the Trainer's checkpoint plugin. A checkpoint is written to a
+  hidden temporary file next to its final name, fsync-ed and renamed (:mod:`itm.io`), so a run
+  killed at any moment leaves either the previous complete ``last.ckpt`` / ``best.ckpt`` or the
+  new one, never a truncated file. Loading prefers ``weights_only=True`` (itm checkpoints hold
+  only tensors and plain Python values: the model config travels as a plain dict / YAML).
+- RNG state: :func:`collect_rng_state` / :func:`restore_rng_state` store the torch (CPU and
+  CUDA), numpy and Python generators in the checkpoint (``ITMModule.on_save_checkpoint``) and
+  put them back when ``trainer.fit(ckpt_path=...)`` restores it. Lightning restores the model,
+  optimizer, lr schedule, epoch and ModelCheckpoint state; with the generators restored too,
+  the training DataLoader (which draws its shuffle seed from torch's global generator when each
+  epoch's iterator is created) replays the same data order, so a resumed run continues exactly
+  like an uninterrupted one (bit-for-bit on CPU with a fixed thread count).
+- :func:`resolve_ckpt_path`: ``ckpt_path=last`` means the most recently written ``last.ckpt``
+  under ``<paths.log_dir>/<task_name>/`` (``runs/*/checkpoints/`` and
+  ``multiruns/*/*/checkpoints/``); any other value is a path.
+- :func:`check_model_config`: a checkpoint whose model config differs from the run's in its
+  architecture is refused with the differing keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from itm.io import atomic_write, remove_stale_temps
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "RNG_KEY",
+    "AtomicCheckpointIO",
+    "CheckpointError",
+    "ModelCheckpoint",
+    "check_model_config",
+    "collect_rng_state",
+    "config_differences",
+    "find_last_checkpoint",
+    "load_checkpoint_file",
+    "resolve_ckpt_path",
+    "restore_rng_state",
+]
+
+#: key of the RNG state in a checkpoint dict
+RNG_KEY = "itm_rng_state"
+
+#: model config nodes that define the architecture (a difference makes a checkpoint unusable)
+ARCH_KEYS = ("embed_size", "image_encoder", "text_encoder", "align", "pooling")
+#: keys inside those nodes that change training only, not the parameters (a difference warns)
+SOFT_KEYS = frozenset({"word_aug", "region_aug", "size_aug", "lr_mult", "dropout"})
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (unreadable, not an itm run, another architecture)."""
+
+
+# --- atomic checkpoint IO ------------------------------------------------------------------------
+
+
+def _is_local(path: Any) -> bool:
+    return "://" not in str(path)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` that writes through a temporary file + fsync + ``os.replace`` and
+    loads with ``weights_only=True`` unless told otherwise.
+
+    ``Trainer(plugins=[AtomicCheckpointIO()])`` (``itm.train`` adds it). Remote (fsspec URL)
+    paths fall back to Lightning's own writer.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or not _is_local(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        with atomic_write(Path(path)) as fh:
+            torch.save(checkpoint, fh)
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any = lambda storage, loc: storage, weights_only=None
+    ) -> dict[str, Any]:
+        return super().load_checkpoint(
+            path,
+            map_location=map_location,
+            weights_only=True if weights_only is None else weights_only,
+        )
+
+
+class ModelCheckpoint(_LightningModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` whose ``last.ckpt`` is written at EVERY checkpointing
+    point (each epoch end), not only when a top-k checkpoint was saved.
+
+    Lightning 2.6 refreshes ``last.ckpt`` only in the steps where it also saved a top-k
+    checkpoint, so after the best epoch ``last.ckpt`` stops moving and a resumed run would
+    silently restart from the best epoch instead of the latest one. Same arguments, same
+    ``state_key`` (the class name is kept) as the original.
+    """
+
+    def _refresh_last(self, trainer: Any) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+
+# --- RNG state -----------------------------------------------------------------------------------
+
+
+def collect_rng_state() -> dict[str, Any]:
+    """The global generators' state as tensors and plain Python values (``weights_only``-safe):
+    ``torch`` (ByteTensor), ``torch_cuda`` (list of ByteTensors, when CUDA is initialised),
+    ``numpy`` (dict: keys as int64 tensor, pos, has_gauss, cached_gaussian), ``python``."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64).copy()),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": [int(version), [int(x) for x in py_state], gauss],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Put back the generators saved by :func:`collect_rng_state`."""
+    torch.set_rng_state(state["torch"].cpu() if torch.is_tensor(state["torch"]) else state["torch"])
+    cuda = state.get("torch_cuda")
+    if cuda and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            warnings.warn(
+                f"checkpoint holds {len(cuda)} CUDA generator states, this process sees "
+                f"{torch.cuda.device_count()} devices: CUDA generators not restored",
+                stacklevel=2,
+            )
+    npy = state.get("numpy")
+    if npy is not None:
+        keys = npy["keys"].cpu().numpy().astype(np.uint32)
+        np.random.set_state(
+            (
+                npy["name"],
+                keys,
+                int(npy["pos"]),
+                int(npy["has_gauss"]),
+                float(npy["cached_gaussian"]),
+            )
+        )
+    py = state.get("python")
+    if py is not None:
+        version, py_state, gauss = py
+        random.setstate((int(version), tuple(int(x) for x in py_state), gauss))
+
+
+# --- reading checkpoints, config checks ----------------------------------------------------------
+
+
+def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` with messages that name the file and the problem
+    (missing, empty / truncated / not a torch file, not an itm checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): truncated or never written")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a damaged file
+        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise CheckpointError(
+                f"checkpoint {path} holds pickled Python objects that weights_only loading "
+                f"refuses ({text}); itm checkpoints hold only tensors and plain values"
+            ) from err
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read (truncated or corrupt file?): "
+            f"{type(err).__name__}: {text}"
+        ) from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"checkpoint {path} is not a Lightning checkpoint (no state_dict)")
+    hparams = ckpt.get("hyper_parameters") or {}
+    if not isinstance(hparams, Mapping) or not isinstance(hparams.get("cfg"), Mapping):
+        raise CheckpointError(
+            f"checkpoint {path} holds no itm model config (hyper_parameters.cfg): "
+            "not written by itm's ITMModule?"
+        )
+    return ckpt
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: node}
+
+
+_MISSING = "<absent>"
+
+
+def config_differences(
+    saved: Mapping[str, Any], current: Mapping[str, Any], keys: tuple[str, ...] = ARCH_KEYS
+) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, checkpoint value, this run's value)`` for every differing leaf of the
+    ``keys`` nodes of two model configs."""
+    diffs = []
+    for top in keys:
+        a = _flatten(saved.get(top, _MISSING), top)
+        b = _flatten(current.get(top, _MISSING), top)
+        for k in sorted(set(a) | set(b)):
+            va, vb = a.get(k, _MISSING), b.get(k, _MISSING)
+            if va != vb and not (
+                isinstance(va, (int, float))
+                and isinstance(vb, (int, float))
+                and float(va) == float(vb)
+            ):
+                diffs.append((k, va, vb))
+    return diffs
+
+
+def check_model_config(
+    saved: Mapping[str, Any], current: Mapping[str, Any], source: str = "checkpoint"
+) -> None:
+    """Raise :class:`CheckpointError` naming every architecture key where the checkpoint's
+    model config differs from this run's; warn for training-only keys (augmentation, lr
+    multipliers)."""
+    diffs = config_differences(saved, current)
+    hard = [d for d in diffs if d[0].rsplit(".", 1)[-1] not in SOFT_KEYS]
+    soft = [d for d in diffs if d[0].rsplit(".", 1)[-1] in SOFT_KEYS]
+    for k, a, b in soft:
+        warnings.warn(f"{source}: model.{k} was {a!r}, this run uses {b!r}", stacklevel=2)
+    if hard:
+        lines = "\n".join(f"  model.{k}: checkpoint {a!r}, this run {b!r}" for k, a, b in hard)
+        raise CheckpointError(
+            f"{source} was written by a model of another architecture; its config differs in:\n"
+            f"{lines}\nresume with the checkpoint's model options (its run's .hydra/config.yaml), "
+            "or start a new run without ckpt_path"
+        )
+
+
+# --- ckpt_path=last --------------------------------------------------------------------------------
+
+
+def find_last_checkpoint(root: str | Path, exclude: str | Path | None = None) -> Path | None:
+    """The most recently modified ``last.ckpt`` under ``root`` (``runs/*/checkpoints`` and
+    ``multiruns/*/*/checkpoints``; any depth as a fallback), ``exclude``'s subtree skipped."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    skip = Path(exclude).resolve() if exclude else None
+    found = [
+        p
+        for p in root.glob("**/checkpoints/last.ckpt")
+        if p.is_file() and not (skip and skip in p.resolve().parents)
+    ]
+    if not found:
+        return None
+    return max(found, key=lambda p: (p.stat().st_mtime_ns, str(p)))
+
+
+def resolve_ckpt_path(ckpt_path: Any, log_root: str | Path, exclude: str | Path | None = None):
+    """``None`` -> ``None``; ``"last"`` -> :func:`find_last_checkpoint` under ``log_root``; a
+    path -> itself, checked to exist. Raises :class:`CheckpointError` with the place searched."""
+    if ckpt_path is None or str(ckpt_path) == "":
+        return None
+    if str(ckpt_path) == "last":
+        found = find_last_checkpoint(log_root, exclude)
+        if found is None:
+            raise CheckpointError(
+                f"ckpt_path=last: no run under {log_root} has a checkpoints/last.ckpt "
+                "(pass ckpt_path=<run dir>/checkpoints/last.ckpt, or check paths.log_dir / "
+                "ITM_LOG_DIR and task_name)"
+            )
+        log.info("ckpt_path=last -> %s", found)
+        return str(found)
+    path = Path(str(ckpt_path)).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"ckpt_path={ckpt_path}: no such file")
+    if path.is_dir():
+        last = (
+            path / "checkpoints" / "last.ckpt"
+            if (path / "checkpoints").is_dir()
+            else path / "last.ckpt"
+        )
+        if last.is_file():
+            return str(last)
+        raise CheckpointError(f"ckpt_path={ckpt_path} is a directory without a last.ckpt")
+    return str(path)
+
+
+def prepare_resume(ckpt_path: str, model_cfg: Mapping[str, Any], callbacks: list) -> dict:
+    """Checks before ``trainer.fit(ckpt_path=...)``; returns the loaded checkpoint.
+
+    The checkpoint must load with ``weights_only=True`` and hold an itm model config of the
+    same architecture. A ``ModelCheckpoint`` whose saved directory is the directory the
+    checkpoint lies in (the checkpoint was not moved) continues writing there, so its best
+    score, best / last paths are restored in full and ``last.ckpt`` / ``best.ckpt`` of the run
+    stay the single up-to-date pair across any number of interruptions. Stale temporary files
+    of a killed writer are removed from that directory.
+    """
+    ckpt = load_checkpoint_file(ckpt_path)
+    check_model_config(ckpt["hyper_parameters"]["cfg"], model_cfg, source=f"checkpoint {ckpt_path}")
+    here = Path(ckpt_path).resolve().parent
+    states = ckpt.get("callbacks") or {}
+    for cb in callbacks:
+        if not isinstance(cb, _LightningModelCheckpoint):
+            continue
+        saved = states.get(cb.state_key) or {}
+        saved_dir = saved.get("dirpath")
+        if saved_dir and Path(saved_dir).resolve() == here:
+            cb.dirpath = saved_dir
+            removed = remove_stale_temps(here)
+            if removed:
+                log.info("removed %d stale temporary file(s) in %s", len(removed), here)
+    return ckpt
+
+
+def rng_state_from(checkpoint: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    state = checkpoint.get(RNG_KEY)
+    return state if isinstance(state, Mapping) else None
+
+
+# --- the training entry point's helpers ----------------------------------------------------------
+
+
+def resolve_resume_path(cfg: Any) -> str | None:
+    """``cfg.ckpt_path`` resolved (:func:`resolve_ckpt_path`): ``last`` is searched under
+    ``<paths.log_dir>/<task_name>``, this run's own output directory excluded."""
+    ckpt = cfg.get("ckpt_path")
+    if ckpt is None:
+        return None
+    paths = cfg.get("paths") or {}
+    log_dir = paths.get("log_dir", "outputs") if hasattr(paths, "get") else "outputs"
+    root = Path(str(log_dir)) / str(cfg.get("task_name") or "train")
+    try:
+        exclude = paths.get("output_dir")
+    except Exception:  # noqa: BLE001 - ${hydra:...} outside a Hydra app
+        exclude = None
+    return resolve_ckpt_path(ckpt, root, exclude)
+
+
+def use_atomic_checkpoint_io(trainer: Any) -> None:
+    """Make ``trainer`` write checkpoints atomically (:class:`AtomicCheckpointIO`) unless a
+    custom checkpoint plugin was configured."""
+    strategy = trainer.strategy
+    current = getattr(strategy, "_checkpoint_io", None)
+    if current is None or type(current) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
