@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,13 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar
 
-__all__ = ["AlignmentImages", "RichProgress", "progress_enabled", "scoring_progress"]
+__all__ = [
+    "AlignmentImages",
+    "EpochSummary",
+    "RichProgress",
+    "progress_enabled",
+    "scoring_progress",
+]
 
 
 def progress_enabled(setting: bool | str | None = "auto") -> bool:
@@ -56,6 +63,46 @@ class RichProgress(RichProgressBar):
         super().__init__(refresh_rate=refresh_rate, leave=leave, **kwargs)
         if not progress_enabled(enable):
             self.disable()
+
+
+class EpochSummary(Callback):
+    """One line per epoch (``epoch 2/4  loss 0.412  lr 1.0e-03  dev rsum 473.1 (best 473.1)
+    31 s``) where no progress bar is drawn (``make train | tee log``, CI, SLURM logs), so a run
+    written to a file still shows how training goes. Rank 0 only.
+
+    Args:
+        enable: ``"auto"`` (default: only when progress bars are off, see
+            :func:`progress_enabled`), ``True`` or ``False``.
+    """
+
+    def __init__(self, enable: bool | str = "auto") -> None:
+        self.enable = enable
+        self._start = 0.0
+        self._best: float | None = None
+
+    def _active(self, trainer: pl.Trainer) -> bool:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return False
+        return self.enable if isinstance(self.enable, bool) else not progress_enabled("auto")
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._active(trainer):
+            return
+        m = trainer.callback_metrics
+        parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"]
+        if "train/loss" in m:
+            parts.append(f"loss {float(m['train/loss']):.4f}")
+        if "train/lr" in m:
+            parts.append(f"lr {float(m['train/lr']):.1e}")
+        if "dev/rsum" in m:
+            rsum = float(m["dev/rsum"])
+            self._best = rsum if self._best is None else max(self._best, rsum)
+            parts.append(f"dev rsum {rsum:.1f} (best {self._best:.1f})")
+        parts.append(f"{time.perf_counter() - self._start:.0f} s")
+        print("  ".join(parts), flush=True)
 
 
 @contextlib.contextmanager
