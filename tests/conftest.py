@@ -88,9 +88,12 @@ def compose():
 TINY_BERT_WORDS = ["a", "the", "man", "woman", "dog", "cat", "red", "blue", "is", "on", "with"]
 
 
-def write_tiny_bert(directory: Path, words: list[str] | None = None) -> Path:
+def write_tiny_bert(
+    directory: Path, words: list[str] | None = None, tokenizer_files: bool = True
+) -> Path:
     """A randomly initialised tiny BERT (2 layers, hidden 32) with its own vocab file, saved in
-    the layout ``BertModel`` / ``BertTokenizer.from_pretrained(dir)`` read offline."""
+    the layout ``BertModel`` / ``BertTokenizer.from_pretrained(dir)`` read offline; with
+    ``tokenizer_files=False`` only ``vocab.txt`` describes the tokenizer (no config files)."""
     from transformers import BertConfig, BertModel, BertTokenizer
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -108,9 +111,9 @@ def write_tiny_bert(directory: Path, words: list[str] | None = None) -> Path:
         max_position_embeddings=64,
     )
     BertModel(config).save_pretrained(directory)
-    BertTokenizer(vocab_file=str(directory / "vocab.txt"), do_lower_case=True).save_pretrained(
-        directory
-    )
+    if tokenizer_files:
+        tok = BertTokenizer(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+        tok.save_pretrained(directory)
     return directory
 
 

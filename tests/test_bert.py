@@ -11,6 +11,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from conftest import write_tiny_bert  # noqa: E402
 from itm.data.tokenizers import BertCaptionTokenizer  # noqa: E402
 from itm.models.encoders import BertTextEncoder  # noqa: E402
 
@@ -20,26 +21,7 @@ D = 16
 
 
 def _write_tiny_bert(directory: Path, with_tokenizer_config: bool = True) -> Path:
-    from transformers import BertConfig, BertModel
-
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab = SPECIAL + WORDS
-    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-    )
-    BertModel(config).save_pretrained(directory)
-    if with_tokenizer_config:
-        (directory / "tokenizer_config.json").write_text(
-            '{"do_lower_case": true, "mask_token": "[MASK]", "tokenizer_class": "BertTokenizer"}'
-        )
-    return directory
+    return write_tiny_bert(directory, WORDS, tokenizer_files=with_tokenizer_config)
 
 
 @pytest.fixture(scope="module")

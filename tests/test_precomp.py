@@ -174,6 +174,19 @@ def test_stores_pickle_paths_not_features(stores, kind):
 
 
 @pytest.mark.parametrize("kind", ["npy", "h5"])
+def test_image_indexing_negative_and_out_of_range(stores, kind):
+    dm = PrecompDataModule(stores[kind])
+    dm.setup("fit")
+    images = dm.get_split("train").images
+    ref = np.load(stores["npy"] / "train_ims.npy")
+    assert np.array_equal(images[-1], ref[-1]) and np.array_equal(images[2:7:2], ref[2:7:2])
+    with pytest.raises(IndexError, match=f"image index {len(ref)} out of range for {len(ref)}"):
+        images[len(ref)]
+    with pytest.raises(IndexError, match=f"image index -{len(ref) + 1} out of range"):
+        images[-len(ref) - 1]
+
+
+@pytest.mark.parametrize("kind", ["npy", "h5"])
 def test_loader_workers_open_files_lazily(stores, kind):
     """Forked workers open their own map / HDF5 handle (the parent's is never used there)."""
     dm = PrecompDataModule(stores[kind], num_workers=2, eval_batch_size=5)

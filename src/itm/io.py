@@ -50,21 +50,9 @@ def is_temp_name(path: str | Path) -> bool:
     return _TMP_RE.match(Path(path).name) is not None
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable (best effort: not every platform / file system allows it)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """fsync a file, or a directory to make a rename in it durable (best effort: not every
+    platform / file system allows it)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -92,10 +80,10 @@ def atomic_path(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
         if not tmp.exists():
             raise FileNotFoundError(f"atomic_path: nothing was written to {tmp} (for {path})")
         if fsync:
-            _fsync_file(tmp)
+            _fsync(tmp)
         os.replace(tmp, path)
         if fsync:
-            _fsync_dir(path.parent)
+            _fsync(path.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -134,7 +122,7 @@ def atomic_write(
         if fsync:
             os.fsync(fh.fileno())
     if fsync:
-        _fsync_dir(Path(path).parent)
+        _fsync(Path(path).parent)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from itm.data.precomp import FeatureSplit, open_npy_split
+from itm.data.precomp import FeatureSplit, image_index, open_npy_split
 from itm.data.validation import DataError, check_cap_to_img, check_finite_rows
 
 __all__ = ["H5_FORMAT", "H5_VERSION", "H5Images", "convert_split", "open_h5_split", "write_h5"]
@@ -102,12 +102,7 @@ class H5Images:
     def __getitem__(self, idx: Any) -> np.ndarray:
         ds = self._dataset()
         if isinstance(idx, (int, np.integer)):
-            i = int(idx)
-            if i < 0:
-                i += self.n
-            if not 0 <= i < self.n:
-                raise IndexError(f"image index {idx} out of range for {self.n} images")
-            return ds[i]
+            return ds[image_index(idx, self.n)]
         if isinstance(idx, slice):
             start, stop, step = idx.indices(self.n)
             return ds[start:stop:step]

@@ -56,6 +56,17 @@ FORMATS = ("auto", "npy", "h5")
 UNKNOWN_POLICIES = ("warn", "error", "ignore")
 
 
+def image_index(idx: int | np.integer, n: int) -> int:
+    """``idx`` as a non-negative row of ``n`` images (negative counts from the end);
+    ``IndexError`` naming both when out of range."""
+    i = int(idx)
+    if i < 0:
+        i += n
+    if not 0 <= i < n:
+        raise IndexError(f"image index {idx} out of range for {n} images")
+    return i
+
+
 class NpyImages:
     """A read-only, memory-mapped view of the first ``limit`` rows of a ``.npy`` array.
 
@@ -128,13 +139,8 @@ class NpyImages:
     def __getitem__(self, idx: Any) -> np.ndarray:
         arr = self._arr()
         if isinstance(idx, (int, np.integer)):
-            i = int(idx)
-            if i < 0:
-                i += self.n
-            if not 0 <= i < self.n:
-                raise IndexError(f"image index {idx} out of range for {self.n} images")
             self._account(1)
-            out = arr[i]
+            out = arr[image_index(idx, self.n)]
         elif isinstance(idx, slice):
             start, stop, step = idx.indices(self.n)
             out = arr[start:stop:step]
