@@ -280,10 +280,6 @@ def test_retrieval_recall_emulated_ddp_sync() -> None:
         assert isinstance(metric.rows, list) and len(metric.rows) == 2  # unsynced again
 
 
-def _slow_enabled(config: pytest.Config) -> bool:
-    return os.environ.get("ITM_SLOW") == "1" or "slow" in (config.getoption("markexpr") or "")
-
-
 def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -299,10 +295,8 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 @pytest.mark.slow
-def test_retrieval_recall_ddp_gloo(request: pytest.FixtureRequest) -> None:
+def test_retrieval_recall_ddp_gloo() -> None:
     """Real 2-process gloo run (~20 s: each spawned child imports torch)."""
-    if not _slow_enabled(request.config):
-        pytest.skip("slow: run with -m slow or ITM_SLOW=1")
     world = 2
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
