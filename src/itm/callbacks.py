@@ -78,7 +78,6 @@ class EpochSummary(Callback):
     def __init__(self, enable: bool | str = "auto") -> None:
         self.enable = enable
         self._start = 0.0
-        self._best: float | None = None
 
     def _active(self, trainer: pl.Trainer) -> bool:
         if trainer.sanity_checking or not trainer.is_global_zero:
@@ -99,8 +98,11 @@ class EpochSummary(Callback):
             parts.append(f"lr {float(m['train/lr']):.1e}")
         if "dev/rsum" in m:
             rsum = float(m["dev/rsum"])
-            self._best = rsum if self._best is None else max(self._best, rsum)
-            parts.append(f"dev rsum {rsum:.1f} (best {self._best:.1f})")
+            # the checkpoint callback's best (it updates after this hook; survives a resume)
+            ckpt = trainer.checkpoint_callback
+            prev = getattr(ckpt, "best_model_score", None)
+            best = rsum if prev is None else max(rsum, float(prev))
+            parts.append(f"dev rsum {rsum:.1f} (best {best:.1f})")
         parts.append(f"{time.perf_counter() - self._start:.0f} s")
         print("  ".join(parts), flush=True)
 

@@ -364,7 +364,7 @@ def _focal_select(
         scale = ar
     keep = f > 0
     # all weights tied (F = 0 up to rounding): the focal set is empty, see focal_tolerance
-    none_kept = ~(f > scale * focal_tolerance(a.dtype)).any(dim=1, keepdim=True)  # [Bc, 1, N]
+    none_kept = f.amax(dim=1, keepdim=True) <= scale * focal_tolerance(a.dtype)  # [Bc, 1, N]
     if bool(none_kept.any()):
         assert ctx_mask is not None
         keep |= none_kept & ctx_mask.view(bc, kc, 1)

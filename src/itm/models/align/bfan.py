@@ -19,6 +19,7 @@ from itm.models.align.base import (
     t2i_cosine,
     t2i_weights,
 )
+from itm.models.align.scan import caption_cache, scan_block
 
 FOCALS = ("equal", "prob")
 
@@ -51,7 +52,7 @@ def focal_mask(alpha: Tensor, ctx_mask: Tensor, dim: int, focal: str) -> Tensor:
         else:
             raise ValueError(f"focal must be one of {FOCALS}, got {focal!r}")
         # every weight tied (F = 0 up to rounding): empty focal set, see focal_tolerance
-        clear = (f > scale * focal_tolerance(a.dtype)).any(dim=dim, keepdim=True)
+        clear = f.amax(dim=dim, keepdim=True) > scale * focal_tolerance(a.dtype)
         return (f > 0) & clear & ctx_mask
 
 
@@ -155,8 +156,6 @@ class BFAN(AlignHead):
         return {"gram1": gram_with_ones(img, img_mask), "sq": sq_norm(img)}
 
     def prepare_captions(self, cap: Tensor, cap_mask: Tensor) -> dict[str, Tensor]:
-        from itm.models.align.scan import caption_cache
-
         return caption_cache(cap, cap_mask, self.direction) if self._fast(cap) else {}
 
     def score_block(self, img, img_mask, cap, cap_mask, pooling, img_cache, cap_cache, ws):
@@ -164,8 +163,6 @@ class BFAN(AlignHead):
         unnormalised weights (:func:`~itm.models.align.base.attend_cosine`), mean pooling."""
         if not self._fast(img):
             return self(img, img_mask, cap, cap_mask, pooling)
-        from itm.models.align.scan import scan_block
-
         return scan_block(
             ws,
             img,
