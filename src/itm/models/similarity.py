@@ -144,6 +144,7 @@ class Similarity(nn.Module):
                 img_blk, mask_blk = img[i0:i1], img_mask[i0:i1]
                 if img_padded:
                     img_blk, _ = _zero_pad(img_blk, mask_blk)
+                ws.image_block = (i0, i1)
                 scores = align.score_block(
                     img_blk,
                     mask_blk,

@@ -12,6 +12,8 @@ any finite values; every function here keeps them out of every valid result and 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -212,6 +214,10 @@ class Workspace:
 
     def __init__(self) -> None:
         self._bufs: dict[str, Tensor] = {}
+        self._memo: dict[str, tuple[object, Tensor]] = {}
+        #: which image rows the current block holds, ``(i0, i1)``; set by the engine so that
+        #: :meth:`memo` can reuse per-image-block tensors across caption blocks
+        self.image_block: tuple[int, int] | None = None
 
     def get(self, name: str, shape: tuple[int, ...] | list[int], like: Tensor) -> Tensor:
         numel = 1
@@ -228,12 +234,28 @@ class Workspace:
             self._bufs[name] = buf
         return buf[:numel].view(*shape)
 
+    def memo(self, name: str, build: Callable[[], Tensor]) -> Tensor:
+        """``build()`` for the current :attr:`image_block`, reused while the block stays the
+        same (only the latest block's tensor is kept). Without an image block: ``build()``."""
+        key = self.image_block
+        if key is None:
+            return build()
+        hit = self._memo.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        self._memo.pop(name, None)  # free the old block's tensor before building the new one
+        out = build()
+        self._memo[name] = (key, out)
+        return out
+
     def clear(self) -> None:
         self._bufs.clear()
+        self._memo.clear()
 
     @property
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._bufs.values())
+        memo = sum(v.numel() * v.element_size() for _, v in self._memo.values())
+        return memo + sum(b.numel() * b.element_size() for b in self._bufs.values())
 
 
 def invalid_rows(mask: Tensor) -> Tensor | None:
@@ -411,6 +433,14 @@ def soft_attention_scores(
     ``ctx_mask [Bc, Kc]``, ``ctx_gram1 [Bc, Kc+1, Kc]`` (:func:`gram_with_ones`),
     ``query_sq [Lq, Bq]`` squared query norms.
     """
+    if focal is None:
+        from itm.models.align.fused import attend_cosine_fused
+
+        fused = attend_cosine_fused(
+            s, n_query_sets, ctx_gram1, ctx_mask, query_sq, kind, lambda_softmax
+        )
+        if fused is not None:
+            return fused
     bc, kc, n = s.shape
     out = s.new_empty(bc, n // n_query_sets, n_query_sets)
     starts, step = context_chunks(bc, kc, n, s.element_size())

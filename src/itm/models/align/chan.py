@@ -64,7 +64,8 @@ class CHAN(AlignHead):
             s = block_scores(ws, "s", img, cap_cache["t"])  # [B1, K, L*B2]
             ctx_mask, n_sets, pool_mask = img_mask, cap.shape[0], cap_mask[None]
         else:
-            s = block_scores(ws, "s", cap, img.transpose(0, 1).contiguous())  # [B2, L, K*B1]
+            img_t = ws.memo("img_t", lambda: img.transpose(0, 1).contiguous())  # [K, B1, d]
+            s = block_scores(ws, "s", cap, img_t)  # [B2, L, K*B1]
             ctx_mask, n_sets, pool_mask = cap_mask, img.shape[0], img_mask[None]
         bc, kc, n = s.shape
         pad = invalid_rows(ctx_mask)

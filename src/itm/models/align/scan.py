@@ -164,7 +164,8 @@ def scan_block(
         )  # [B1, L, B2]
         out = _pool(pooling, words.transpose(1, 2), cap_mask[None])
     if direction in ("i2t", "both"):
-        img_t = img.transpose(0, 1).contiguous()  # [K, B1, d]
+        # [K, B1, d], once per image block (the engine scores every caption block against it)
+        img_t = ws.memo("img_t", lambda: img.transpose(0, 1).contiguous())
         s = block_scores(ws, "s", cap, img_t)
         regions = _soft(
             ws,
