@@ -182,12 +182,18 @@ class IMRAM(AlignHead):
     # --- block-wise inference ------------------------------------------------------------
 
     def prepare_captions(self, cap: Tensor, cap_mask: Tensor) -> dict[str, Tensor]:
-        """The caption block's share of the image-mode MDU (its attended half applied to every
-        word), computed once per caption block instead of once per (image, caption) block."""
-        if self.direction not in ("i2t", "both"):
-            return {}
-        _, w_a, bias = self.mdu_i2t.fused_weights()
-        return {"ctx_i2t": F.linear(cap, w_a, bias), "gram": gram(cap)}
+        """What every image block needs of a caption block, computed once per caption block
+        instead of once per (image, caption) block: the MDUs' stacked weights, the text-mode
+        MDU's query half of the step-1 memory (the words themselves), the image-mode MDU's
+        attended half of every word, and the words' Gram matrices."""
+        out = {}
+        if self.direction in ("t2i", "both"):
+            w_q, w_a, bias = self.mdu_t2i.fused_weights()
+            out.update(w_q_t2i=w_q, w_a_t2i=w_a, bias_t2i=bias, q_half_t2i=F.linear(cap, w_q))
+        if self.direction in ("i2t", "both"):
+            w_q, w_a, bias = self.mdu_i2t.fused_weights()
+            out.update(w_q_i2t=w_q, ctx_i2t=F.linear(cap, w_a, bias), gram=gram(cap))
+        return out
 
     def prepare_images(self, img: Tensor, img_mask: Tensor) -> dict[str, Tensor]:
         return {"gram": gram(img)} if self.direction in ("t2i", "both") else {}
@@ -200,7 +206,15 @@ class IMRAM(AlignHead):
         out = None
         if self.direction in ("t2i", "both"):
             steps = self._text_steps(
-                s, img, img_mask, cap, cap_mask, pooling, img_gram=img_cache["gram"]
+                s,
+                img,
+                img_mask,
+                cap,
+                cap_mask,
+                pooling,
+                img_gram=img_cache["gram"],
+                mdu=(cap_cache["w_q_t2i"], cap_cache["w_a_t2i"], cap_cache["bias_t2i"]),
+                q_half=cap_cache["q_half_t2i"],
             )
             out = torch.stack(steps).sum(dim=0)
         if self.direction in ("i2t", "both"):
@@ -213,6 +227,7 @@ class IMRAM(AlignHead):
                 pooling,
                 ctx=cap_cache["ctx_i2t"],
                 cap_gram=cap_cache["gram"],
+                w_q=cap_cache["w_q_i2t"],
             )
             part = torch.stack(steps).sum(dim=0)
             out = part if out is None else out + part
@@ -244,10 +259,26 @@ class IMRAM(AlignHead):
             )
 
     def _next_memory(
-        self, mdu: MemoryDistillationUnit, w_q: Tensor, memory: Tensor, pre: Tensor
+        self,
+        mdu: MemoryDistillationUnit,
+        w_q: Tensor,
+        memory: Tensor,
+        pre: Tensor,
+        q_half: Tensor | None = None,
     ) -> Tensor:
-        """MDU update from ``pre`` = the attended half of the pre-activations (per pair)."""
-        pre = pre.add_(F.linear(memory, w_q))  # in place: pre is a fresh product
+        """MDU update from ``pre`` = the attended half of the pre-activations (per pair);
+        ``q_half`` = ``memory``'s query half when already known (``F.linear(memory, w_q)``)."""
+        if q_half is not None:
+            pre = pre.add_(q_half)
+        elif (
+            not torch.is_grad_enabled()
+            and memory.shape[:-1] == pre.shape[:-1]
+            and memory.dtype == pre.dtype == w_q.dtype
+            and pre.is_contiguous()
+        ):  # per-pair memory at inference: accumulate the query half into pre, one GEMM pass
+            pre.view(-1, pre.shape[-1]).addmm_(memory.reshape(-1, memory.shape[-1]), w_q.T)
+        else:
+            pre = pre.add_(F.linear(memory, w_q))  # in place: pre is a fresh product
         memory = mdu.update(memory, pre)
         return l2n(memory) if self.renorm_memory else memory
 
@@ -260,9 +291,12 @@ class IMRAM(AlignHead):
         cap_mask: Tensor,
         pooling: nn.Module,
         img_gram: Tensor | None = None,
+        mdu: tuple[Tensor, Tensor, Tensor] | None = None,
+        q_half: Tensor | None = None,
     ) -> list[Tensor]:
         """Text mode: the words' memory attends to the regions. Memory ``[B1, B2, L, d]``
-        (``[B2, L, d]`` at step 1, shared by every image)."""
+        (``[B2, L, d]`` at step 1, shared by every image). ``mdu``: the MDU's stacked weights
+        when already built; ``q_half``: its query half of the words ``[B2, L, 2d]``."""
         b1, k, b2, n = s.shape
         img_gram = gram(img) if img_gram is None else img_gram
         cap_sq = sq_norm(cap)
@@ -275,11 +309,17 @@ class IMRAM(AlignHead):
             if step == self.steps - 1:
                 break
             if step == 0:  # the MDU's attended half of every region, once per block
-                w_q, w_a, bias = self.mdu_t2i.fused_weights()
+                w_q, w_a, bias = self.mdu_t2i.fused_weights() if mdu is None else mdu
                 ctx = F.linear(img, w_a, bias)  # [B1, K, 2d]
             # MDU(att) for att[i, j, w] = sum_r alpha[i, r, j, w] v[i, r]: [B1, B2*L, K] @ ctx
             pre = torch.bmm(alpha.reshape(b1, k, b2 * n).transpose(1, 2), ctx)
-            memory = self._next_memory(self.mdu_t2i, w_q, memory, pre.view(b1, b2, n, -1))
+            memory = self._next_memory(
+                self.mdu_t2i,
+                w_q,
+                memory,
+                pre.view(b1, b2, n, -1),
+                q_half=q_half if step == 0 else None,
+            )
             # memory against the regions: [B1, K, d] @ [B1, d, B2*L]
             scores = torch.bmm(img, memory.reshape(b1, b2 * n, -1).transpose(1, 2))
             scores = scores.view(b1, k, b2, n)
@@ -295,10 +335,12 @@ class IMRAM(AlignHead):
         pooling: nn.Module,
         ctx: Tensor | None = None,
         cap_gram: Tensor | None = None,
+        w_q: Tensor | None = None,
     ) -> list[Tensor]:
         """Image mode: the regions' memory attends to the words. Memory ``[B2, B1, K, d]``
         (``[B1, K, d]`` at step 1, shared by every caption). ``ctx``: the MDU's attended half
-        of the words, ``[B2, L, 2d]`` (computed here when None)."""
+        of the words, ``[B2, L, 2d]``, and ``w_q`` the MDU's query half ``[2d, d]`` (both
+        computed here unless both are given)."""
         b1, k, b2, n = s.shape
         cap_gram = gram(cap) if cap_gram is None else cap_gram
         img_sq = sq_norm(img)
@@ -310,10 +352,9 @@ class IMRAM(AlignHead):
             out.append(pool_scores(pooling, regions, pool_mask))
             if step == self.steps - 1:
                 break
-            if step == 0:  # the MDU's attended half of every word, once per block
-                w_q, w_a, bias = self.mdu_i2t.fused_weights()
-                if ctx is None:
-                    ctx = F.linear(cap, w_a, bias)  # [B2, L, 2d]
+            if step == 0 and (ctx is None or w_q is None):  # the MDU's attended half of
+                w_q, w_a, bias = self.mdu_i2t.fused_weights()  # every word, once per block
+                ctx = F.linear(cap, w_a, bias)  # [B2, L, 2d]
             # MDU(att) for att[j, i, r] = sum_w alpha[i, r, j, w] e[j, w]: [B2, B1*K, L] @ ctx
             pre = torch.bmm(alpha.permute(2, 0, 1, 3).reshape(b2, b1 * k, n), ctx)
             memory = self._next_memory(self.mdu_i2t, w_q, memory, pre.view(b2, b1, k, -1))
