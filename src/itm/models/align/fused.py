@@ -7,8 +7,8 @@ kernel in ``_attend.c`` does the same computation per context set and 16 query s
 reading each score once from memory and keeping the rest in registers, so SCAN scoring runs
 close to the cost of its matrix product.
 
-The kernel is compiled at first use with the system C compiler (``$CC``, else ``cc``; gcc
-12 and clang both work) into ``$ITM_CACHE_DIR`` (default ``~/.cache/itm``), keyed by the source,
+The kernel is compiled at first use with the system C compiler (``$CC``, else ``cc``; tested
+with gcc 12) into ``$ITM_CACHE_DIR`` (default ``~/.cache/itm``), keyed by the source,
 the flags, the compiler and the CPU, written atomically, and loaded with ctypes. Nothing is
 needed at install time. Where no compiler is found, the build fails, or ``ITM_FUSED=0`` is set,
 :func:`attend_cosine_fused` returns None and the engine uses the tensor kernel (same results
@@ -34,8 +34,9 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("_attend.c")
-FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fPIC"]
-FLAGS += ["-shared"]
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared"]
+if platform.machine().lower() in ("x86_64", "amd64"):
+    FLAGS.insert(2, "-mprefer-vector-width=512")  # an x86-only flag (AVX-512 where available)
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
