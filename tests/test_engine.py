@@ -85,6 +85,26 @@ def test_single_image_single_token(name, n_img, n_cap):
     torch.testing.assert_close(sim.score_matrix(img, il, cap, cl), full, rtol=0, atol=1e-12)
 
 
+def test_chan_t2i_block_product_skips_padded_words(monkeypatch):
+    """CHAN t2i multiplies the block's images by its VALID words only (no padded column)."""
+    import itm.models.align.chan as chan
+
+    rows = []
+    real = chan.block_scores
+
+    def spy(ws, name, ctx, query_t):
+        rows.append(query_t.shape[0] * query_t.shape[1])
+        return real(ws, name, ctx, query_t)
+
+    monkeypatch.setattr(chan, "block_scores", spy)
+    img, il, cap, cl = _data(seed=4, n_cap=30)
+    sim = Similarity(CHAN("t2i"), LSEPool(10.0, rescale=False)).double()
+    got = sim.score_matrix(img, il, cap, cl)
+    assert sum(rows) == int(cl.sum()) and len(set(cl.tolist())) > 1
+    with torch.no_grad():
+        torch.testing.assert_close(got, sim(img, il, cap, cl), rtol=0, atol=1e-12)
+
+
 def test_padding_values_do_not_matter():
     img, il, cap, cl = _data(seed=5)
     sim = Similarity(SCAN("both"), LSEPool()).double()

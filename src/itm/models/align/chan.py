@@ -52,16 +52,26 @@ class CHAN(AlignHead):
     # --- block-wise inference ------------------------------------------------------------
 
     def prepare_captions(self, cap: Tensor, cap_mask: Tensor) -> dict[str, Tensor]:
-        if self.direction == "t2i":
-            return {"t": cap.transpose(0, 1).contiguous()}  # word-major [L, B2, d]
-        return {}
+        """t2i: the block's VALID words only, packed word-major (``[n_valid, d]``: word ``w``
+        of every caption that has one, then word ``w + 1``, ...), so the block's matrix product
+        spends nothing on padding; ``cols`` (when some word is padded) holds each packed word's
+        slot in the padded word-major layout ``w * B2 + j``."""
+        if self.direction != "t2i":
+            return {}
+        b2, n, d = cap.shape
+        words = cap.transpose(0, 1).reshape(n * b2, d)  # word-major
+        cols = invalid_rows(~cap_mask.T)  # the VALID slots, word-major
+        if cols is None:  # no padded word
+            return {"t": words.contiguous()}
+        return {"t": words.index_select(0, cols), "cols": cols}
 
     def score_block(self, img, img_mask, cap, cap_mask, pooling, img_cache, cap_cache, ws):
         """Inference path: one matrix product into a reused buffer (context items on axis 1,
-        the other modality item-major), padded context rows set to -inf in place, a max over
-        axis 1, then pooling of the ``[B1, B2, *]`` fragment maxima."""
+        the other modality item-major; for t2i only the valid words), padded context rows set
+        to -inf in place, a max over axis 1, then pooling of the ``[B1, B2, *]`` fragment
+        maxima."""
         if self.direction == "t2i":
-            s = block_scores(ws, "s", img, cap_cache["t"])  # [B1, K, L*B2]
+            s = block_scores(ws, "s", img, cap_cache["t"][:, None])  # [B1, K, n_valid]
             ctx_mask, n_sets, pool_mask = img_mask, cap.shape[0], cap_mask[None]
         else:
             img_t = ws.memo("img_t", lambda: img.transpose(0, 1).contiguous())  # [K, B1, d]
@@ -71,7 +81,12 @@ class CHAN(AlignHead):
         pad = invalid_rows(ctx_mask)
         if pad is not None:
             s.view(bc * kc, n).index_fill_(0, pad, float("-inf"))
-        best = torch.amax(s, dim=1).view(bc, n // n_sets, n_sets).transpose(1, 2)
+        best = torch.amax(s, dim=1)  # [Bc, n]
+        cols = cap_cache.get("cols")
+        if cols is not None:  # back to the padded word-major layout (padded words: 0)
+            full = best.new_zeros(bc, cap.shape[0] * cap.shape[1])
+            best = full.index_copy_(1, cols, best)
+        best = best.view(bc, -1, n_sets).transpose(1, 2)
         out = pool_scores(pooling, best, pool_mask)
         return out if self.direction == "t2i" else out.T
 
