@@ -53,6 +53,12 @@ def _heads():
     out["chan_t2i"] = (CHAN("t2i"), LSEPool(10.0, rescale=False))
     out["chan_i2t"] = (CHAN("i2t"), AvgPool())
     out["imram_both"] = (IMRAM("both", 3, 9.0, embed_size=12), AvgPool())
+    # more steps than the two alternating workspace buffers; renormalised memory
+    out["imram_both_5steps"] = (IMRAM("both", 5, 9.0, embed_size=12), AvgPool())
+    out["imram_t2i_4steps_renorm"] = (
+        IMRAM("t2i", 4, 9.0, renorm_memory=True, embed_size=12),
+        LSEPool(6.0),
+    )
     out["global_gpo"] = (GlobalAlign(), GPOPool())
     return out
 

@@ -40,6 +40,7 @@ from itm.models.align.base import (
     FEATURE_NORMS,
     L2_EPS,
     AlignHead,
+    Workspace,
     check_direction,
     gram,
     i2t_cosine,
@@ -215,6 +216,7 @@ class IMRAM(AlignHead):
                 img_gram=img_cache["gram"],
                 mdu=(cap_cache["w_q_t2i"], cap_cache["w_a_t2i"], cap_cache["bias_t2i"]),
                 q_half=cap_cache["q_half_t2i"],
+                ws=ws,
             )
             out = torch.stack(steps).sum(dim=0)
         if self.direction in ("i2t", "both"):
@@ -228,6 +230,7 @@ class IMRAM(AlignHead):
                 ctx=cap_cache["ctx_i2t"],
                 cap_gram=cap_cache["gram"],
                 w_q=cap_cache["w_q_i2t"],
+                ws=ws,
             )
             part = torch.stack(steps).sum(dim=0)
             out = part if out is None else out + part
@@ -267,19 +270,30 @@ class IMRAM(AlignHead):
         q_half: Tensor | None = None,
     ) -> Tensor:
         """MDU update from ``pre`` = the attended half of the pre-activations (per pair);
-        ``q_half`` = ``memory``'s query half when already known (``F.linear(memory, w_q)``)."""
+        ``q_half`` = ``memory``'s query half when already known (``F.linear(memory, w_q)``).
+
+        At inference with ``pre`` a contiguous workspace buffer of ``memory``'s dtype, the
+        update runs in place in ``pre`` (query half accumulated by one ``addmm_``, then the
+        gate and candidate activated in their halves and the candidate half overwritten by the
+        new memory, which is returned as a view of ``pre``); otherwise out of place
+        (autograd)."""
+        d = self.embed_size
+        if (
+            torch.is_grad_enabled()
+            or not pre.is_contiguous()
+            or not memory.dtype == pre.dtype == w_q.dtype
+        ):
+            pre = pre + (q_half if q_half is not None else F.linear(memory, w_q))
+            memory = mdu.update(memory, pre)
+            return l2n(memory) if self.renorm_memory else memory
         if q_half is not None:
-            pre = pre.add_(q_half)
-        elif (
-            not torch.is_grad_enabled()
-            and memory.shape[:-1] == pre.shape[:-1]
-            and memory.dtype == pre.dtype == w_q.dtype
-            and pre.is_contiguous()
-        ):  # per-pair memory at inference: accumulate the query half into pre, one GEMM pass
-            pre.view(-1, pre.shape[-1]).addmm_(memory.reshape(-1, memory.shape[-1]), w_q.T)
+            pre.add_(q_half)
+        elif memory.shape[:-1] == pre.shape[:-1]:  # per-pair memory: one GEMM pass into pre
+            pre.view(-1, 2 * d).addmm_(memory.reshape(-1, d), w_q.T)
         else:
-            pre = pre.add_(F.linear(memory, w_q))  # in place: pre is a fresh product
-        memory = mdu.update(memory, pre)
+            pre.add_(F.linear(memory, w_q))
+        gate, cand = pre[..., :d].sigmoid_(), pre[..., d:].tanh_()
+        memory = torch.lerp(cand, memory, gate, out=cand)  # g * q + (1 - g) * cand
         return l2n(memory) if self.renorm_memory else memory
 
     def _text_steps(
@@ -293,10 +307,12 @@ class IMRAM(AlignHead):
         img_gram: Tensor | None = None,
         mdu: tuple[Tensor, Tensor, Tensor] | None = None,
         q_half: Tensor | None = None,
+        ws: Workspace | None = None,
     ) -> list[Tensor]:
         """Text mode: the words' memory attends to the regions. Memory ``[B1, B2, L, d]``
         (``[B2, L, d]`` at step 1, shared by every image). ``mdu``: the MDU's stacked weights
-        when already built; ``q_half``: its query half of the words ``[B2, L, 2d]``."""
+        when already built; ``q_half``: its query half of the words ``[B2, L, 2d]``; ``ws``:
+        inference workspace for the per-pair pre-activations and memory (:func:`_pre_buffer`)."""
         b1, k, b2, n = s.shape
         img_gram = gram(img) if img_gram is None else img_gram
         cap_sq = sq_norm(cap)
@@ -312,7 +328,8 @@ class IMRAM(AlignHead):
                 w_q, w_a, bias = self.mdu_t2i.fused_weights() if mdu is None else mdu
                 ctx = F.linear(img, w_a, bias)  # [B1, K, 2d]
             # MDU(att) for att[i, j, w] = sum_r alpha[i, r, j, w] v[i, r]: [B1, B2*L, K] @ ctx
-            pre = torch.bmm(alpha.reshape(b1, k, b2 * n).transpose(1, 2), ctx)
+            a_t = alpha.reshape(b1, k, b2 * n).transpose(1, 2)
+            pre = torch.bmm(a_t, ctx, out=_pre_buffer(ws, step, (b1, b2 * n), ctx))
             memory = self._next_memory(
                 self.mdu_t2i,
                 w_q,
@@ -336,11 +353,12 @@ class IMRAM(AlignHead):
         ctx: Tensor | None = None,
         cap_gram: Tensor | None = None,
         w_q: Tensor | None = None,
+        ws: Workspace | None = None,
     ) -> list[Tensor]:
         """Image mode: the regions' memory attends to the words. Memory ``[B2, B1, K, d]``
         (``[B1, K, d]`` at step 1, shared by every caption). ``ctx``: the MDU's attended half
         of the words, ``[B2, L, 2d]``, and ``w_q`` the MDU's query half ``[2d, d]`` (both
-        computed here unless both are given)."""
+        computed here unless both are given); ``ws``: as in :meth:`_text_steps`."""
         b1, k, b2, n = s.shape
         cap_gram = gram(cap) if cap_gram is None else cap_gram
         img_sq = sq_norm(img)
@@ -356,9 +374,23 @@ class IMRAM(AlignHead):
                 w_q, w_a, bias = self.mdu_i2t.fused_weights()  # every word, once per block
                 ctx = F.linear(cap, w_a, bias)  # [B2, L, 2d]
             # MDU(att) for att[j, i, r] = sum_w alpha[i, r, j, w] e[j, w]: [B2, B1*K, L] @ ctx
-            pre = torch.bmm(alpha.permute(2, 0, 1, 3).reshape(b2, b1 * k, n), ctx)
+            a_t = alpha.permute(2, 0, 1, 3).reshape(b2, b1 * k, n)
+            pre = torch.bmm(a_t, ctx, out=_pre_buffer(ws, step, (b2, b1 * k), ctx))
             memory = self._next_memory(self.mdu_i2t, w_q, memory, pre.view(b2, b1, k, -1))
             # memory against the words: [B2, B1*K, d] @ [B2, d, L], viewed as [B1, K, B2, L]
             scores = torch.bmm(memory.reshape(b2, b1 * k, -1), cap.transpose(1, 2))
             scores = scores.view(b2, b1, k, n).permute(1, 2, 0, 3)
         return out
+
+
+def _pre_buffer(
+    ws: Workspace | None, step: int, lead: tuple[int, int], ctx: Tensor
+) -> Tensor | None:
+    """Workspace buffer ``[*lead, 2d]`` for the MDU pre-activations of ``step`` (None without a
+    workspace or under autograd: a fresh tensor). Two buffers alternate: the update leaves the
+    new memory in the candidate half of its own step's buffer, which the next step still reads
+    while it fills the other one. Reused buffers spare the page faults of fresh block-sized
+    allocations."""
+    if ws is None or torch.is_grad_enabled():
+        return None
+    return ws.get(f"imram_pre{step % 2}", (*lead, ctx.shape[-1]), ctx)
