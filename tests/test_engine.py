@@ -111,6 +111,31 @@ def test_chan_t2i_block_product_skips_padded_words(monkeypatch):
         torch.testing.assert_close(got, sim(img, il, cap, cl), rtol=0, atol=1e-12)
 
 
+def test_image_blocks_serpentine_reuses_the_transposed_images(monkeypatch):
+    """With several image blocks, consecutive caption blocks visit them in opposite orders, so
+    the i2t transposed image block is built once per caption block plus once, not once per
+    (image, caption) block; the scores still equal the direct result."""
+    builds = []
+    real = Workspace.memo
+
+    def counting(self, name, build):
+        return real(self, name, lambda: builds.append(name) or build())
+
+    monkeypatch.setattr(Workspace, "memo", counting)
+    img, il, cap, cl = _data(seed=8, n_img=10, n_cap=12)
+    cl = torch.full_like(cl, 8)  # one block shape for every caption block
+    sim = Similarity(SCAN("i2t", 4.0), AvgPool()).double()
+    sim.max_caption_block = 3  # 4 caption blocks
+    b1, _ = sim.block_sizes(5, 8, 8, 0.02, n_img=10)
+    n_img_blocks = -(-10 // b1)
+    assert n_img_blocks >= 2
+    got = sim.score_matrix(img, il, cap, cl, max_block_mb=0.02)
+    n_cap_blocks = 4
+    assert len(builds) == n_cap_blocks * (n_img_blocks - 1) + 1
+    with torch.no_grad():
+        torch.testing.assert_close(got, sim(img, il, cap, cl), rtol=0, atol=1e-12)
+
+
 def test_padding_values_do_not_matter():
     img, il, cap, cl = _data(seed=5)
     sim = Similarity(SCAN("both"), LSEPool()).double()

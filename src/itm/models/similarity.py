@@ -131,7 +131,7 @@ class Similarity(nn.Module):
             for i in range(0, n_img, 1024)
         )
         ws = Workspace()
-        start = 0
+        start = n_cap_blocks = 0
         while start < n_cap:
             n_words = int(sorted_lens[start])  # longest caption of this block (sorted)
             b1, b2 = self.block_sizes(k_max, n_words, img.element_size(), max_block_mb, n_img)
@@ -139,7 +139,12 @@ class Similarity(nn.Module):
             cap_mask = lengths_to_mask(cap_lens[idx], n_words)
             cap_blk, _ = _zero_pad(torch.index_select(cap[:, :n_words], 0, idx), cap_mask, True)
             cap_cache = align.prepare_captions(cap_blk, cap_mask)
-            for i0 in range(0, n_img, b1):
+            # serpentine over the image blocks (reversed on every other caption block): the
+            # first image block of a caption block is the last of the previous one, so the
+            # per-image-block tensors of Workspace.memo are reused across that boundary
+            starts = range(0, n_img, b1)
+            n_cap_blocks += 1
+            for i0 in starts if n_cap_blocks % 2 else reversed(starts):
                 i1 = min(n_img, i0 + b1)
                 img_blk, mask_blk = img[i0:i1], img_mask[i0:i1]
                 if img_padded:
