@@ -283,7 +283,8 @@ class IMRAM(AlignHead):
             or not pre.is_contiguous()
             or not memory.dtype == pre.dtype == w_q.dtype
         ):
-            pre = pre + (q_half if q_half is not None else F.linear(memory, w_q))
+            # in place: pre is a fresh product (bmm's backward does not need its output)
+            pre = pre.add_(q_half if q_half is not None else F.linear(memory, w_q))
             memory = mdu.update(memory, pre)
             return l2n(memory) if self.renorm_memory else memory
         if q_half is not None:
