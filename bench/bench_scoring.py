@@ -128,13 +128,8 @@ def paired_times(fn, reps: int, floor) -> tuple[float, float]:
 
 
 def best_time(fn, reps: int) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        gc.collect()
-        t0 = CLOCK()
-        fn()
-        best = min(best, CLOCK() - t0)
-    return best
+    """Best of ``reps`` timings of ``fn``."""
+    return paired_times(fn, reps, lambda: 1.0)[0]
 
 
 def heads(d: int, tensor_kernel_rows: bool = False) -> dict[str, Similarity]:
