@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 
 from conftest import load_fixture
 from itm.models import Similarity
-from itm.models.align.base import i2t_weights, region_word_scores, t2i_weights
+from itm.models.align.attention import i2t_weights, region_word_scores, t2i_weights
 from itm.models.align.bfan import BFAN, focal_mask
 from itm.models.pooling import AvgPool, LSEPool
 from itm.models.similarity import lengths_to_mask
@@ -123,7 +123,7 @@ def test_against_naive_reference(direction, focal):
     img, cap = random_sets(rng, 4, 6, 16, il), random_sets(rng, 5, 7, 16, cl)
     expected = bfan_naive(img, il, cap, cl, direction, 20.0, focal)
     assert np.isfinite(expected).all()
-    sim = Similarity(BFAN(focal, 20.0, direction), LSEPool())  # pooling is ignored
+    sim = Similarity(BFAN(focal, 20.0, direction), None)  # BFAN aggregates by itself
     got = sim(_t(img), _t(il), _t(cap), _t(cl)).numpy()
     np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
     # a different lambda too (fewer near-one-hot weights, larger focal sets)
@@ -285,3 +285,19 @@ def test_bad_options_raise():
         BFAN("uniform")
     with pytest.raises(ValueError, match="direction"):
         BFAN(direction="sideways")
+
+
+def test_refuses_a_pooling_other_than_its_mean(compose):
+    """BFAN fixes its aggregation (the mean): its config selects pooling=avg, and any other
+    pooling is refused with BFAN's name instead of silently training the mean under the other
+    pooling's name."""
+    from hydra.utils import instantiate
+
+    cfg = compose(["model/align=bfan"])
+    assert cfg.model.pooling._target_.endswith("AvgPool")
+    Similarity(instantiate(cfg.model.align), instantiate(cfg.model.pooling))
+    cfg = compose(["model/align=bfan", "pooling=lse"])
+    with pytest.raises(ValueError, match="BFAN aggregates .* mean .* got LSEPool"):
+        Similarity(instantiate(cfg.model.align), instantiate(cfg.model.pooling))
+    with pytest.raises(ValueError, match="BFAN"):
+        Similarity(BFAN(), LSEPool())

@@ -13,12 +13,12 @@ import torch
 
 from conftest import ROOT
 from itm.models import Similarity
-from itm.models.align.base import Workspace
 from itm.models.align.bfan import BFAN
 from itm.models.align.chan import CHAN
-from itm.models.align.global_align import GlobalAlign
+from itm.models.align.engine import Workspace
 from itm.models.align.imram import IMRAM
 from itm.models.align.scan import SCAN
+from itm.models.align.vse_infinity import GlobalAlign
 from itm.models.pooling import AvgPool, GPOPool, LSEPool, MaxPool, SumPool
 from reference import random_sets
 
@@ -118,8 +118,8 @@ def test_image_blocks_serpentine_reuses_the_transposed_images(monkeypatch):
     builds = []
     real = Workspace.memo
 
-    def counting(self, name, build):
-        return real(self, name, lambda: builds.append(name) or build())
+    def counting(self, name, key, build):
+        return real(self, name, key, lambda: builds.append(name) or build())
 
     monkeypatch.setattr(Workspace, "memo", counting)
     img, il, cap, cl = _data(seed=8, n_img=10, n_cap=12)
@@ -221,7 +221,7 @@ def test_loop_baselines_equal_engine(name, fn):
 
 def test_workspace_stays_within_budget(monkeypatch):
     """The reused workspace of a whole scoring run stays within the block budget."""
-    import itm.models.similarity as similarity
+    import itm.models.align.engine as engine
 
     seen = []
 
@@ -231,7 +231,7 @@ def test_workspace_stays_within_budget(monkeypatch):
             seen.append(self.nbytes)
             return out
 
-    monkeypatch.setattr(similarity, "Workspace", Recording)
+    monkeypatch.setattr(engine, "Workspace", Recording)
     img, il, cap, cl = _data(seed=2, n_img=12, n_cap=120, k=36, n_words=20, d=16)
     for head in (SCAN("both"), BFAN(), CHAN()):
         seen.clear()
@@ -255,3 +255,48 @@ def test_peak_rss_within_budget_small():
     res = json.loads(out.stdout.strip().splitlines()[-1])
     workspace = res["growth_mb"] - res["output_mb"]
     assert workspace <= 8 * 1.5 + 24, res  # budget (+ slack for allocator / small tensors)
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t", "both"])
+@pytest.mark.parametrize("scale", [1e3, 1e7])
+def test_fast_path_does_not_overflow_with_unnormalised_features(direction, scale):
+    """Encoders with ``norm: false`` give fragments of any size: at the fast path's largest
+    temperature the unnormalised ``w^T G w ~ Z^2 |c|^2`` overflowed float32 (inf, then cosines
+    of 0 or 1e22) before the Gram matrices of large sets were scaled by a power of 4."""
+    torch.set_num_threads(1)  # performance.md: the fp32 trap of this CPU build
+    try:
+        img, il, cap, cl = _data(seed=12, n_img=4, n_cap=6, k=6, n_words=7, d=16)
+        img, cap = img * scale, cap * scale
+        sim = Similarity(SCAN(direction, 30.0), AvgPool()).double()
+        with torch.no_grad():
+            ref = sim(img, il, cap, cl)
+        got = sim.float().score_matrix(img.float(), il, cap.float(), cl)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), ref, rtol=0, atol=2e-5)
+        for head in (BFAN("equal", 30.0, direction),):  # its own kernel path (select hook)
+            ref = Similarity(head, None).double()(img, il, cap, cl)
+            got = Similarity(head, None).float().score_matrix(img.float(), il, cap.float(), cl)
+            assert torch.isfinite(got).all()
+            assert float((got.double() - ref).abs().max()) < 0.5  # focal threshold may flip
+    finally:
+        torch.set_num_threads(torch.get_num_interop_threads())
+
+
+def test_gram_scaling_is_exact(monkeypatch):
+    """Scaling a large set's Gram matrix by 4^-k and its cosines by 2^-k changes no bit of
+    the scores where nothing overflows (fused and tensor kernels alike)."""
+    import itm.models.align.engine as engine
+
+    img, il, cap, cl = _data(seed=13, n_img=3, n_cap=5, k=6, n_words=7, d=16)
+    img = (img / img.norm(dim=-1, keepdim=True)).float() * 2.0**10  # |c|^2 = 2^20: scaled
+    mask = torch.arange(6)[None] < il[:, None]
+    assert float(engine.context_gram(img, mask)["gram_scale"].min()) == 2.0**10
+    for fused in ("1", "0"):
+        monkeypatch.setenv("ITM_FUSED", fused)
+        for direction in ("t2i", "i2t"):
+            sim = Similarity(SCAN(direction, 9.0), AvgPool())
+            scaled = sim.score_matrix(img, il, cap.float() * 2.0**10, cl)
+            with monkeypatch.context() as m:
+                m.setattr(engine, "GRAM_SCALE_ABOVE", float("inf"))
+                plain = sim.score_matrix(img, il, cap.float() * 2.0**10, cl)
+            assert torch.equal(scaled, plain), (fused, direction)

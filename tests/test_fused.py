@@ -14,10 +14,16 @@ import torch
 
 from itm.models import Similarity
 from itm.models.align import fused
-from itm.models.align.base import Workspace, attend_cosine, gram_with_ones, invalid_rows
+from itm.models.align.engine import Workspace, attend_cosine, context_gram, invalid_rows
 from itm.models.align.scan import SCAN
 from itm.models.pooling import AvgPool, LSEPool
 from reference import random_sets, scan_scores
+
+
+def gram_with_ones(ctx, ctx_mask):
+    """``[G ; m^T]`` of the context sets (the kernels' Gram input)."""
+    return context_gram(ctx, ctx_mask)["gram1"]
+
 
 if fused.load() is None:  # pragma: no cover - machines without a C compiler
     pytest.skip("the fused kernel cannot be built here", allow_module_level=True)
@@ -217,7 +223,7 @@ def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
     assert os.access(first, os.R_OK)
 
 
-def test_workspace_memo_follows_the_image_block():
+def test_workspace_memo_follows_its_key():
     ws = Workspace()
     built = []
 
@@ -225,12 +231,7 @@ def test_workspace_memo_follows_the_image_block():
         built.append(1)
         return torch.zeros(3)
 
-    ws.memo("x", make)
-    ws.memo("x", make)
-    assert len(built) == 2  # no image block: no reuse
-    ws.image_block = (0, 4)
-    a = ws.memo("x", make)
-    assert ws.memo("x", make) is a and len(built) == 3
-    ws.image_block = (4, 8)
-    assert ws.memo("x", make) is not a and len(built) == 4
-    assert ws.nbytes == 3 * 4
+    a = ws.memo("x", (0, 4), make)
+    assert ws.memo("x", (0, 4), make) is a and len(built) == 1
+    assert ws.memo("x", (4, 8), make) is not a and len(built) == 2
+    assert ws.nbytes == 3 * 4  # only the latest key's tensor is kept

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from itm.models.align.global_align import GlobalAlign
+from itm.models.align.vse_infinity import GlobalAlign
 from itm.models.pooling import AvgPool, GPOPool, MaxPool
 from itm.models.similarity import Similarity
 

@@ -250,7 +250,7 @@ def test_checkpoint_of_another_architecture_names_the_difference(compose, tmp_pa
         train(cfg)
     msg = str(err.value)
     assert str(trained_ckpt) in msg and "another architecture" in msg
-    assert "model.align._target_: checkpoint 'itm.models.align.SCAN'" in msg
+    assert "model.align._target_: checkpoint 'itm.models.align.scan.SCAN'" in msg
     assert "itm.models.align.bfan.BFAN" in msg
     assert not (tmp_path / "train/runs/now/checkpoints").exists()  # refused before training
 

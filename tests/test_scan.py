@@ -8,7 +8,7 @@ import torch
 
 from conftest import load_fixture
 from itm.models import Similarity
-from itm.models.align.base import (
+from itm.models.align.attention import (
     FEATURE_NORMS,
     gram,
     i2t_weights,

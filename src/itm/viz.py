@@ -7,21 +7,10 @@ Two public helpers, used by the W&B callback (:class:`itm.callbacks.AlignmentIma
 - :func:`plot_attention` -> a matplotlib ``Figure`` (heat map with word labels; with region boxes,
   one panel per word where each box is drawn with alpha = its attention).
 
-What the map holds depends on the head (never modified here; only its public helpers are used):
-
-============ ===========================================================================
-head          map ``[L, K]``
-============ ===========================================================================
-scan          soft attention of the head's first direction: ``t2i`` (and ``both``): each
-              word's softmax over the regions (rows sum to 1); ``i2t``: each region's
-              softmax over the words (columns sum to 1). ``itm.models.align.base.t2i_weights``
-              / ``i2t_weights`` with the head's ``feature_norm`` and ``lambda_softmax``.
-bfan          the same weights after BFAN's focal selection and renormalisation.
-imram         the attention of the FIRST step (on the encoder features).
-chan          hard alignment: 1 at the best region of each word (``t2i``) or at the best word
-              of each region (``i2t``), 0 elsewhere.
-global        no attention: the cosine of every (region, word) pair of fragment embeddings.
-============ ===========================================================================
+What the map holds is the head's own picture of alignment, its
+:meth:`~itm.models.align.base.AlignHead.alignment` (documented per head: e.g. SCAN's soft
+attention of its first direction, BFAN's focal weights, CHAN's hard assignment, IMRAM's first
+step, no attention but fragment cosines for the ``global`` head); a new head brings its own.
 """
 
 from __future__ import annotations
@@ -47,64 +36,19 @@ def _as_tensor(x: Any, dtype: torch.dtype | None = None) -> Tensor:
     return t.to(dtype) if dtype is not None else t
 
 
-def _head_direction(head: Any, direction: str | None) -> str:
-    own = getattr(head, "direction", "t2i")
-    if direction is None:
-        return "i2t" if own == "i2t" else "t2i"
-    if direction not in ("t2i", "i2t"):
-        raise ValueError(f"direction must be 't2i' or 'i2t', got {direction!r}")
-    return direction
-
-
 @torch.no_grad()
-def attention_from_embeddings(head: Any, img: Tensor, cap: Tensor, direction: str | None = None):
+def attention_from_embeddings(head: Any, img: Tensor, cap: Tensor) -> np.ndarray:
     """Region-word map ``[L, K]`` of one pair from its VALID fragment embeddings.
 
     Args:
         head: an alignment head (``model.similarity.align``).
         img: ``[K, d]`` region embeddings (valid regions only).
         cap: ``[L, d]`` word embeddings (valid words only).
-        direction: ``t2i`` | ``i2t`` (default: the head's own; ``both`` -> ``t2i``).
 
     Returns:
-        float ``np.ndarray [L, K]`` (see the module docstring for what it holds per head).
+        float ``np.ndarray [L, K]``: the head's :meth:`~itm.models.align.base.AlignHead.alignment`.
     """
-    from itm.models.align import base
-
-    img = img.float()[None]
-    cap = cap.float()[None]
-    k, n = img.shape[1], cap.shape[1]
-    img_mask = torch.ones(1, k, dtype=torch.bool, device=img.device)
-    cap_mask = torch.ones(1, n, dtype=torch.bool, device=img.device)
-    name = type(head).__name__.lower()
-    s = base.region_word_scores(img, cap)  # [1, K, 1, L]
-    if name == "globalalign" or not hasattr(head, "direction"):
-        v = img[0] / (img[0].norm(dim=-1, keepdim=True) + base.L2_EPS)
-        e = cap[0] / (cap[0].norm(dim=-1, keepdim=True) + base.L2_EPS)
-        return (e @ v.T).cpu().numpy()
-    direction = _head_direction(head, direction)
-    if name == "chan":
-        scores = s[0, :, 0, :]  # [K, L]
-        out = torch.zeros_like(scores)
-        if direction == "t2i":
-            out[scores.argmax(dim=0), torch.arange(n)] = 1.0
-        else:
-            out[torch.arange(k), scores.argmax(dim=1)] = 1.0
-        return out.T.cpu().numpy()
-    kind = getattr(head, "feature_norm", "clipped_l2norm")
-    lam = float(getattr(head, "lambda_softmax", 9.0))
-    if direction == "t2i":
-        alpha = base.t2i_weights(s, img_mask, cap_mask, kind, lam)
-    else:
-        alpha = base.i2t_weights(s, img_mask, cap_mask, kind, lam)
-    if name == "bfan":
-        from itm.models.align.bfan import focal_weights
-
-        if direction == "t2i":
-            alpha = focal_weights(alpha, img_mask[:, :, None, None], 1, head.focal)
-        else:
-            alpha = focal_weights(alpha, cap_mask[None, None], 3, head.focal)
-    return alpha[0, :, 0, :].T.cpu().numpy()
+    return head.alignment(img.float(), cap.float()).cpu().numpy()
 
 
 @torch.no_grad()
@@ -114,7 +58,6 @@ def attention_map(
     img_len: int | None,
     cap: Any,
     cap_len: int | None,
-    direction: str | None = None,
 ) -> np.ndarray:
     """Words x regions map ``[L, K]`` of a model for one (image, caption) pair.
 
@@ -125,7 +68,6 @@ def attention_map(
         img_len: valid regions (``None``: all ``K``).
         cap: token ids ``[L]`` (or ``[1, L]``), as the data module encodes them.
         cap_len: valid tokens (``None``: all ``L``).
-        direction: ``t2i`` | ``i2t``; default: the head's own.
 
     Returns:
         float ``np.ndarray [cap_len, img_len]``: row ``w`` belongs to token ``w``.
@@ -148,7 +90,7 @@ def attention_map(
     finally:
         model.train(was_training)
     emb_i, emb_c = emb_i[0, : int(lens_i[0])], emb_c[0, : int(lens_c[0])]
-    return attention_from_embeddings(model.similarity.align, emb_i, emb_c, direction)
+    return attention_from_embeddings(model.similarity.align, emb_i, emb_c)
 
 
 def token_labels(tokenizer: Any, ids: Sequence[int]) -> list[str]:

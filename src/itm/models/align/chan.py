@@ -1,17 +1,17 @@
-"""CHAN: coding hard alignment (Pan et al., CVPR 2023), methods.md section 5."""
+"""CHAN: coding hard alignment (Pan et al., CVPR 2023; docs/chan.md).
+
+Every word takes its best-matching region (no softmax, no attended vector); the ``pooling``
+group reduces those word scores.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from itm.models.align.base import (
-    AlignHead,
-    block_scores,
-    check_direction,
-    invalid_rows,
-    region_word_scores,
-)
+from itm.models.align.attention import region_word_scores
+from itm.models.align.base import AlignHead, Block, check_direction
+from itm.models.align.engine import Workspace, block_scores, invalid_rows
 from itm.models.pooling import pool_scores
 
 
@@ -49,6 +49,21 @@ class CHAN(AlignHead):
         regions = s.where(cap_mask[None, None], neg_inf).amax(dim=3)  # [B1, K, B2]
         return pool_scores(pooling, regions.transpose(1, 2), img_mask[:, None, :])
 
+    def alignment(self, img: Tensor, cap: Tensor) -> Tensor:
+        """Hard alignment ``[L, K]``: 1 at the best region of each word (t2i) or at the best
+        word of each region (i2t), 0 elsewhere."""
+        scores = cap @ img.T  # [L, K]
+        out = torch.zeros_like(scores)
+        if self.direction == "t2i":
+            out[torch.arange(scores.shape[0]), scores.argmax(dim=1)] = 1.0
+        else:
+            out[scores.argmax(dim=0), torch.arange(scores.shape[1])] = 1.0
+        return out
+
+    @property
+    def alignment_normalised(self) -> str:
+        return "regions" if self.direction == "t2i" else "words"
+
     # --- block-wise inference ------------------------------------------------------------
 
     def prepare_captions(self, cap: Tensor, cap_mask: Tensor) -> dict[str, Tensor]:
@@ -65,16 +80,21 @@ class CHAN(AlignHead):
             return {"t": words.contiguous()}
         return {"t": words.index_select(0, cols), "cols": cols}
 
-    def score_block(self, img, img_mask, cap, cap_mask, pooling, img_cache, cap_cache, ws):
+    def score_block(
+        self, images: Block, captions: Block, pooling: nn.Module | None, ws: Workspace
+    ) -> Tensor:
         """Inference path: one matrix product into a reused buffer (context items on axis 1,
         the other modality item-major; for t2i only the valid words), padded context rows set
         to -inf in place, a max over axis 1, then pooling of the ``[B1, B2, *]`` fragment
         maxima."""
+        img, img_mask = images.emb, images.mask
+        cap, cap_mask, cap_cache = captions.emb, captions.mask, captions.cache
         if self.direction == "t2i":
             s = block_scores(ws, "s", img, cap_cache["t"][:, None])  # [B1, K, n_valid]
             ctx_mask, n_sets, pool_mask = img_mask, cap.shape[0], cap_mask[None]
         else:
-            img_t = ws.memo("img_t", lambda: img.transpose(0, 1).contiguous())  # [K, B1, d]
+            # [K, B1, d], once per image block
+            img_t = ws.memo("img_t", images.key, lambda: img.transpose(0, 1).contiguous())
             s = block_scores(ws, "s", cap, img_t)  # [B2, L, K*B1]
             ctx_mask, n_sets, pool_mask = cap_mask, img.shape[0], img_mask[None]
         bc, kc, n = s.shape

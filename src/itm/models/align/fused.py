@@ -1,6 +1,6 @@
 """A fused CPU kernel for the soft-attention step of the scoring engine (SCAN).
 
-:func:`itm.models.align.base.attend_cosine` computes SCAN's per-query cosines of a block with
+:func:`itm.models.align.engine.attend_cosine` computes SCAN's per-query cosines of a block with
 about ten tensor passes over the ``[Bc, Kc, N]`` score tensor; that memory traffic costs as much
 as 0.6-0.7x of the block's matrix product on a 2-core CPU (``bench/bench_scoring.py``). The C
 kernel in ``_attend.c`` does the same computation per context set and 16 query sets at a time,
@@ -175,10 +175,10 @@ def attend_cosine_fused(
     """Per-query cosines of SCAN soft attention as a ``[Bc, Lq, Bq]`` view of a query-set-major
     ``[Bc, Bq, Lq]`` tensor (ready to pool over items), or None (use the tensor path).
 
-    Same contract as :func:`itm.models.align.base.attend_cosine` without BFAN's focal step:
+    Same contract as :func:`itm.models.align.engine.attend_cosine` without a ``select`` hook:
     ``s [Bc, Kc, Lq*Bq]`` raw scores (query items item-major; padded queries zero),
     ``ctx_gram [Bc, >=Kc, Kc]`` context Gram matrices (extra rows such as
-    :func:`~itm.models.align.base.gram_with_ones`'s ones row are ignored), ``ctx_mask [Bc, Kc]``
+    :func:`~itm.models.align.engine.context_gram`'s ones row are ignored), ``ctx_mask [Bc, Kc]``
     bool, ``query_sq [Lq, Bq]``, ``kind`` ``clipped_l2norm`` or ``l2norm``.
     """
     if not usable(s) or kind not in ("clipped_l2norm", "l2norm"):

@@ -1,5 +1,5 @@
-"""IMRAM: iterative matching with recurrent attention memory (Chen et al., CVPR 2020),
-methods.md section 6.
+"""IMRAM: iterative matching with recurrent attention memory (Chen et al., CVPR 2020;
+docs/imram.md).
 
 Per direction and step ``k = 1..steps`` the query memory ``q^k`` (``q^1`` = the query fragments)
 attends over the ORIGINAL context (methods.md section 2), the step score ``F_k`` pools
@@ -23,7 +23,7 @@ Batching. A block of ``B1`` images and ``B2`` captions is scored at once:
   (twice that) are materialised per block, and the memory's scores against the context come from
   one batched product per block (per image for t2i, per caption for i2t), viewed back in the
   ``[B1, K, B2, L]`` layout;
-* the fragment cosines need no ``att`` either (``base.t2i_cosine`` / ``i2t_cosine``: the dot with
+* the fragment cosines need no ``att`` either (``attention.t2i_cosine`` / ``i2t_cosine``: the dot with
   the ORIGINAL query is ``sum alpha * s``, the norm comes from the Gram matrix).
 
 :meth:`IMRAM.bytes_per_pair` accounts for the materialised ``[fragments, d]`` buffers, so
@@ -36,12 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from itm.models.align.base import (
+from itm.models.align.attention import (
     FEATURE_NORMS,
-    L2_EPS,
-    AlignHead,
-    Workspace,
-    check_direction,
     gram,
     i2t_cosine,
     i2t_weights,
@@ -50,15 +46,12 @@ from itm.models.align.base import (
     t2i_cosine,
     t2i_weights,
 )
+from itm.models.align.base import AlignHead, Block, check_direction
+from itm.models.align.engine import Workspace
+from itm.models.functional import l2n
 from itm.models.pooling import pool_scores
 
 __all__ = ["IMRAM", "MemoryDistillationUnit"]
-
-
-def l2n(x: Tensor) -> Tensor:
-    """``x / (||x|| + 1e-8)`` over the last axis; finite gradient for an all-zero vector."""
-    ss = sq_norm(x).unsqueeze(-1)
-    return x / (torch.sqrt(torch.where(ss > 0, ss, torch.ones_like(ss))) + L2_EPS)
 
 
 class MemoryDistillationUnit(nn.Module):
@@ -180,6 +173,20 @@ class IMRAM(AlignHead):
             out["i2t"] = torch.stack(self._image_steps(s, img, img_mask, cap, cap_mask, pooling))
         return out
 
+    def alignment(self, img: Tensor, cap: Tensor) -> Tensor:
+        """The attention of the FIRST step (on the encoder features) of the head's first
+        direction, ``[L, K]``: t2i (and ``both``) each word over the regions, i2t each region
+        over the words."""
+        ones_i = img.new_ones(1, img.shape[0], dtype=bool)
+        ones_c = cap.new_ones(1, cap.shape[0], dtype=bool)
+        s = region_word_scores(img[None], cap[None])
+        fn = i2t_weights if self.direction == "i2t" else t2i_weights
+        return fn(s, ones_i, ones_c, self.feature_norm, self.lambda_softmax)[0, :, 0, :].T
+
+    @property
+    def alignment_normalised(self) -> str:
+        return "words" if self.direction == "i2t" else "regions"
+
     # --- block-wise inference ------------------------------------------------------------
 
     def prepare_captions(self, cap: Tensor, cap_mask: Tensor) -> dict[str, Tensor]:
@@ -199,9 +206,14 @@ class IMRAM(AlignHead):
     def prepare_images(self, img: Tensor, img_mask: Tensor) -> dict[str, Tensor]:
         return {"gram": gram(img)} if self.direction in ("t2i", "both") else {}
 
-    def score_block(self, img, img_mask, cap, cap_mask, pooling, img_cache, cap_cache, ws):
+    def score_block(
+        self, images: Block, captions: Block, pooling: nn.Module | None, ws: Workspace
+    ) -> Tensor:
         """Inference path: the batched steps with the per-caption / per-image quantities
         (Gram matrices, the MDU's attended half of the words) computed once, not per block."""
+        assert pooling is not None
+        img, img_mask, img_cache = images.emb, images.mask, images.cache
+        cap, cap_mask, cap_cache = captions.emb, captions.mask, captions.cache
         self._check_size(img)
         s = region_word_scores(img, cap)
         out = None

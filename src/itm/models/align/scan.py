@@ -1,19 +1,17 @@
-"""SCAN: stacked cross attention (Lee et al., ECCV 2018), methods.md section 3."""
+"""SCAN: stacked cross attention (Lee et al., ECCV 2018; docs/scan.md).
+
+Each word attends to the regions of an image (``t2i``) or each region to the words of a caption
+(``i2t``) with the shared attention step (``attention.py``); a fragment's score is the cosine of
+the fragment with its attended vector, and the ``pooling`` group reduces those scores.
+"""
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
-from itm.models.align.base import (
+from itm.models.align.attention import (
     FEATURE_NORMS,
-    AlignHead,
-    Workspace,
-    block_scores,
-    check_direction,
-    fast_softmax_ok,
     gram,
-    gram_with_ones,
     i2t_cosine,
     i2t_weights,
     region_word_scores,
@@ -21,8 +19,18 @@ from itm.models.align.base import (
     t2i_cosine,
     t2i_weights,
 )
-from itm.models.align.base import soft_attention_scores as _soft
+from itm.models.align.base import AlignHead, Block, check_direction
+from itm.models.align.engine import (
+    SelectHook,
+    Workspace,
+    block_scores,
+    context_gram,
+    fast_softmax_ok,
+    soft_attention_scores,
+)
 from itm.models.pooling import pool_scores
+
+__all__ = ["SCAN", "caption_cache", "image_cache", "scan_block"]
 
 
 class SCAN(AlignHead):
@@ -69,7 +77,26 @@ class SCAN(AlignHead):
             regions = i2t_cosine(s, alpha, gram(cap), sq_norm(img))  # [B1, B2, K]
             pooled = pool_scores(pooling, regions, img_mask[:, None, :])
             out = pooled if out is None else out + pooled
+        assert out is not None
         return out
+
+    def weights(self, s: Tensor, img_mask: Tensor, cap_mask: Tensor, direction: str) -> Tensor:
+        """Attention weights ``alpha [B1, K, B2, L]`` of one direction from the raw scores."""
+        fn = t2i_weights if direction == "t2i" else i2t_weights
+        return fn(s, img_mask, cap_mask, self.feature_norm, self.lambda_softmax)
+
+    def alignment(self, img: Tensor, cap: Tensor) -> Tensor:
+        """The soft attention of the head's first direction, ``[L, K]``: t2i (and ``both``)
+        each word's softmax over the regions; i2t each region's softmax over the words."""
+        ones_i = img.new_ones(1, img.shape[0], dtype=bool)
+        ones_c = cap.new_ones(1, cap.shape[0], dtype=bool)
+        s = region_word_scores(img[None], cap[None])
+        direction = "i2t" if self.direction == "i2t" else "t2i"
+        return self.weights(s, ones_i, ones_c, direction)[0, :, 0, :].T
+
+    @property
+    def alignment_normalised(self) -> str:
+        return "words" if self.direction == "i2t" else "regions"
 
     # --- block-wise inference ------------------------------------------------------------
 
@@ -77,35 +104,21 @@ class SCAN(AlignHead):
         return fast_softmax_ok(self.feature_norm, self.lambda_softmax, x.dtype)
 
     def prepare_images(self, img: Tensor, img_mask: Tensor) -> dict[str, Tensor]:
-        if not self._fast(img):
-            return {}
-        out = {}
-        if self.direction in ("t2i", "both"):
-            out["gram1"] = gram_with_ones(img, img_mask)  # regions are the context
-        if self.direction in ("i2t", "both"):
-            out["sq"] = sq_norm(img)  # regions are the queries
-        return out
+        return image_cache(img, img_mask, self.direction) if self._fast(img) else {}
 
     def prepare_captions(self, cap: Tensor, cap_mask: Tensor) -> dict[str, Tensor]:
         return caption_cache(cap, cap_mask, self.direction) if self._fast(cap) else {}
 
-    def score_block(self, img, img_mask, cap, cap_mask, pooling, img_cache, cap_cache, ws):
+    def score_block(
+        self, images: Block, captions: Block, pooling: nn.Module | None, ws: Workspace
+    ) -> Tensor:
         """Inference path: one matrix product per direction into a reused buffer, then the
-        in-place soft-attention kernel (:func:`~itm.models.align.base.attend_cosine`)."""
-        if not self._fast(img):
-            return self(img, img_mask, cap, cap_mask, pooling)
+        in-place soft-attention kernel (:func:`~itm.models.align.engine.soft_attention_scores`)."""
+        if not self._fast(images.emb):
+            return super().score_block(images, captions, pooling, ws)
+        assert pooling is not None
         return scan_block(
-            ws,
-            img,
-            img_mask,
-            cap,
-            cap_mask,
-            pooling,
-            img_cache,
-            cap_cache,
-            self.direction,
-            self.feature_norm,
-            self.lambda_softmax,
+            ws, images, captions, pooling, self.direction, self.feature_norm, self.lambda_softmax
         )
 
     def extra_repr(self) -> str:
@@ -115,77 +128,66 @@ class SCAN(AlignHead):
         )
 
 
+def image_cache(img: Tensor, img_mask: Tensor, direction: str) -> dict[str, Tensor]:
+    """What every caption block needs of the images: as context (t2i) the Gram matrices
+    (:func:`~itm.models.align.engine.context_gram`, keys ``gram1`` / ``gram_scale``); as
+    queries (i2t) the squared region norms ``sq [B1, K]``."""
+    out: dict[str, Tensor] = {}
+    if direction in ("t2i", "both"):
+        out.update(context_gram(img, img_mask))
+    if direction in ("i2t", "both"):
+        out["sq"] = sq_norm(img)
+    return out
+
+
 def caption_cache(cap: Tensor, cap_mask: Tensor, direction: str) -> dict[str, Tensor]:
     """What every image block needs of a caption block: as queries (t2i) the word-major copy
-    ``t [L, B2, d]`` and squared norms ``sq_t [L, B2]``; as context (i2t) ``[G ; 1]``."""
-    out = {}
+    ``t [L, B2, d]`` and squared norms ``sq_t [L, B2]``; as context (i2t) the Gram matrices
+    (keys ``ctx_gram1`` / ``ctx_gram_scale``)."""
+    out: dict[str, Tensor] = {}
     if direction in ("t2i", "both"):
         out["t"] = cap.transpose(0, 1).contiguous()
         out["sq_t"] = sq_norm(out["t"])
     if direction in ("i2t", "both"):
-        out["gram1"] = gram_with_ones(cap, cap_mask)
+        out.update({f"ctx_{k}": v for k, v in context_gram(cap, cap_mask).items()})
     return out
 
 
 def scan_block(
     ws: Workspace,
-    img: Tensor,
-    img_mask: Tensor,
-    cap: Tensor,
-    cap_mask: Tensor,
-    pooling: nn.Module | None,
-    img_cache: dict[str, Tensor],
-    cap_cache: dict[str, Tensor],
+    images: Block,
+    captions: Block,
+    pooling: nn.Module,
     direction: str,
     kind: str,
     lambda_softmax: float,
-    focal: str | None = None,
+    select: SelectHook | None = None,
 ) -> Tensor:
-    """SCAN-style (and BFAN) scores of a block on the inference path: ``[B1, B2]``.
+    """SCAN-style scores of a block on the inference path: ``[B1, B2]`` (BFAN reuses it with
+    its focal ``select`` hook and mean pooling).
 
     t2i: ``s [B1, K, L*B2]`` (images = context, words item-major); i2t: ``[B2, L, K*B1]``
     (captions = context), so that in both directions the softmax runs over axis 1 and the
-    Gram product is one batched matrix product. ``pooling=None`` means the mean (BFAN).
+    Gram product is one batched matrix product.
     """
-    b1, b2 = img.shape[0], cap.shape[0]
+    img, img_mask, cap_mask = images.emb, images.mask, captions.mask
+    b1, b2 = img.shape[0], captions.emb.shape[0]
     out = None
     if direction in ("t2i", "both"):
-        s = block_scores(ws, "s", img, cap_cache["t"])
-        words = _soft(
-            ws,
-            s,
-            img_mask,
-            img_cache["gram1"],
-            cap_cache["sq_t"],
-            b2,
-            kind,
-            lambda_softmax,
-            focal,
+        s = block_scores(ws, "s", img, captions.cache["t"])
+        words = soft_attention_scores(
+            ws, s, img_mask, images.cache, captions.cache["sq_t"], b2, kind, lambda_softmax, select
         )  # [B1, L, B2]
-        out = _pool(pooling, words.transpose(1, 2), cap_mask[None])
+        out = pool_scores(pooling, words.transpose(1, 2), cap_mask[None])
     if direction in ("i2t", "both"):
         # [K, B1, d], once per image block (the engine scores every caption block against it)
-        img_t = ws.memo("img_t", lambda: img.transpose(0, 1).contiguous())
-        s = block_scores(ws, "s", cap, img_t)
-        regions = _soft(
-            ws,
-            s,
-            cap_mask,
-            cap_cache["gram1"],
-            img_cache["sq"].T,
-            b1,
-            kind,
-            lambda_softmax,
-            focal,
+        img_t = ws.memo("img_t", images.key, lambda: img.transpose(0, 1).contiguous())
+        s = block_scores(ws, "s", captions.emb, img_t)
+        ctx = {"gram1": captions.cache["ctx_gram1"], "gram_scale": captions.cache["ctx_gram_scale"]}
+        regions = soft_attention_scores(
+            ws, s, cap_mask, ctx, images.cache["sq"].T, b1, kind, lambda_softmax, select
         )  # [B2, K, B1]
-        part = _pool(pooling, regions.transpose(1, 2), img_mask[None]).T
+        part = pool_scores(pooling, regions.transpose(1, 2), img_mask[None]).T
         out = part if out is None else out + part
+    assert out is not None
     return out
-
-
-def _pool(pooling: nn.Module | None, x: Tensor, mask: Tensor) -> Tensor:
-    if pooling is not None:
-        return pool_scores(pooling, x, mask)
-    mask = mask.expand_as(x)
-    total = torch.where(mask, x, x.new_zeros(())).sum(dim=-1)
-    return total / mask.sum(dim=-1).clamp_min(1).to(x.dtype)

@@ -1,4 +1,5 @@
-"""Global alignment (VSE-infinity, Chen et al., CVPR 2021), methods.md sections 1 and 7.
+"""VSE-infinity's global alignment (Chen et al., CVPR 2021; docs/vse_infinity.md), config
+``model/align=global``.
 
 One vector per image and per caption: the fragment FEATURES are pooled over the valid regions /
 words (VSE-infinity: one GPO per modality), l2-normalised, and the score of a pair is the cosine
@@ -9,15 +10,10 @@ from __future__ import annotations
 
 import copy
 
-import torch
 from torch import Tensor, nn
 
-from itm.models.align.base import L2_EPS, AlignHead
-
-
-def l2n(x: Tensor) -> Tensor:
-    """``x / (||x|| + 1e-8)`` over the last axis."""
-    return x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + L2_EPS)
+from itm.models.align.base import AlignHead
+from itm.models.functional import l2n
 
 
 class GlobalAlign(AlignHead):
@@ -25,24 +21,26 @@ class GlobalAlign(AlignHead):
 
     The head owns TWO independent deep copies of the configured pooling module,
     ``image_pool`` (regions) and ``text_pool`` (words), made by :meth:`bind_pooling` (which
-    :class:`~itm.models.similarity.Similarity` calls); ``owns_pooling`` is True, so Similarity
-    keeps no unused copy. Works with any :class:`~itm.models.pooling.SetPooling` (``gpo`` as in
-    VSE-infinity, or ``avg`` / ``max``). VSE-infinity pools UN-normalised features: its recipes
+    :class:`~itm.models.similarity.Similarity` calls), so Similarity keeps no unused copy
+    (``pooling_role = "features"``). Works with any :class:`~itm.models.pooling.SetPooling`
+    (``gpo`` as in VSE-infinity, or ``avg`` / ``max``). VSE-infinity pools UN-normalised features: its recipes
     set the encoders' ``norm: false``.
 
     Used without Similarity and without :meth:`bind_pooling`, the ``pooling`` argument of
     :meth:`forward` pools both modalities (shared module).
     """
 
-    owns_pooling = True
+    pooling_role = "features"
 
     def __init__(self) -> None:
         super().__init__()
         self.image_pool: nn.Module | None = None
         self.text_pool: nn.Module | None = None
 
-    def bind_pooling(self, pooling: nn.Module) -> None:
+    def bind_pooling(self, pooling: nn.Module | None) -> None:
         """Keep two independent copies of ``pooling``: ``image_pool`` and ``text_pool``."""
+        if pooling is None:
+            raise ValueError("the global head pools fragment features: it needs a pooling")
         self.image_pool = copy.deepcopy(pooling)
         self.text_pool = copy.deepcopy(pooling)
 
@@ -73,6 +71,15 @@ class GlobalAlign(AlignHead):
         -> cosine matrix ``[B1, B2]``. ``pooling`` is used only by an unbound head."""
         v, e = self.embed(img, img_mask, cap, cap_mask, pooling)
         return v @ e.T
+
+    def alignment(self, img: Tensor, cap: Tensor) -> Tensor:
+        """No attention: the cosine of every (word, region) pair of fragment embeddings,
+        ``[L, K]`` (not a distribution)."""
+        return l2n(cap) @ l2n(img).T
+
+    @property
+    def alignment_normalised(self) -> None:
+        return None
 
     def bytes_per_pair(self, n_regions: int, n_words: int, elem_size: int) -> int:
         """A plain product: the score itself plus a temporary per pair. (The per-image and
