@@ -12,7 +12,8 @@ import copy
 
 from torch import Tensor, nn
 
-from itm.models.align.base import AlignHead
+from itm.models.align.base import AlignHead, Block
+from itm.models.align.engine import Workspace
 from itm.models.functional import l2n
 
 
@@ -44,20 +45,40 @@ class GlobalAlign(AlignHead):
         self.image_pool = copy.deepcopy(pooling)
         self.text_pool = copy.deepcopy(pooling)
 
+    def _pools(self, pooling: nn.Module | None) -> tuple[nn.Module, nn.Module]:
+        if self.image_pool is not None and self.text_pool is not None:
+            return self.image_pool, self.text_pool
+        if pooling is None:
+            raise RuntimeError(
+                "GlobalAlign has no pooling: call bind_pooling(pooling) (Similarity does) "
+                "or pass a pooling module to forward"
+            )
+        return pooling, pooling
+
+    def image_vectors(
+        self, img: Tensor, img_mask: Tensor, pooling: nn.Module | None = None
+    ) -> Tensor:
+        """l2-normalised image vectors: ``img [B1, K, d] -> [B1, d]``."""
+        return l2n(self._pools(pooling)[0](img, img_mask))
+
+    def caption_vectors(
+        self, cap: Tensor, cap_mask: Tensor, pooling: nn.Module | None = None
+    ) -> Tensor:
+        """l2-normalised caption vectors: ``cap [B2, L, d] -> [B2, d]``."""
+        return l2n(self._pools(pooling)[1](cap, cap_mask))
+
     def embed(
-        self, img: Tensor, img_mask: Tensor, cap: Tensor, cap_mask: Tensor, pooling=None
+        self,
+        img: Tensor,
+        img_mask: Tensor,
+        cap: Tensor,
+        cap_mask: Tensor,
+        pooling: nn.Module | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """l2-normalised global vectors: ``img [B1, K, d] -> [B1, d]``, ``cap [B2, L, d] ->
-        [B2, d]``."""
-        image_pool, text_pool = self.image_pool, self.text_pool
-        if image_pool is None or text_pool is None:
-            if pooling is None:
-                raise RuntimeError(
-                    "GlobalAlign has no pooling: call bind_pooling(pooling) (Similarity does) "
-                    "or pass a pooling module to forward"
-                )
-            image_pool = text_pool = pooling
-        return l2n(image_pool(img, img_mask)), l2n(text_pool(cap, cap_mask))
+        """Both modalities' global vectors, ``([B1, d], [B2, d])``."""
+        return self.image_vectors(img, img_mask, pooling), self.caption_vectors(
+            cap, cap_mask, pooling
+        )
 
     def forward(
         self,
@@ -81,7 +102,24 @@ class GlobalAlign(AlignHead):
     def alignment_normalised(self) -> None:
         return None
 
+    # --- block-wise inference: pool once per image / caption, then one product per block -----
+
+    def prepare_images(self, img: Tensor, img_mask: Tensor) -> dict[str, Tensor]:
+        """The image vectors ``vec [B1, d]`` (the engine calls this in chunks of images, so the
+        pooling's memory is bounded however many images are scored)."""
+        return {"vec": self.image_vectors(img, img_mask)}
+
+    def prepare_captions(self, cap: Tensor, cap_mask: Tensor) -> dict[str, Tensor]:
+        """The caption vectors ``vec [B2, d]`` of one caption block."""
+        return {"vec": self.caption_vectors(cap, cap_mask)}
+
+    def score_block(
+        self, images: Block, captions: Block, pooling: nn.Module | None, ws: Workspace
+    ) -> Tensor:
+        """The cosines of the block: one ``[B1, d] x [d, B2]`` product."""
+        return images.cache["vec"] @ captions.cache["vec"].T
+
     def bytes_per_pair(self, n_regions: int, n_words: int, elem_size: int) -> int:
-        """A plain product: the score itself plus a temporary per pair. (The per-image and
-        per-caption pooling workspace is not per pair and is not counted.)"""
+        """A plain product: the score itself plus a temporary per pair (the vectors are
+        pooled once per image and caption, outside the blocks)."""
         return 2 * elem_size
