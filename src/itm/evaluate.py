@@ -43,12 +43,20 @@ __all__ = ["encode_split", "evaluate", "load_checkpoint", "score_checkpoint"]
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     """Rebuild an :class:`~itm.models.module.ITMModule` from a Lightning checkpoint (its
-    hyperparameters carry the resolved model config), weights loaded, in eval mode."""
+    hyperparameters carry the resolved model config), weights loaded, in eval mode; an
+    authors' checkpoint (SCAN, BFAN, IMRAM, CHAN, VSE-infinity, SGRAF) is converted by
+    :mod:`itm.released`."""
+    from itm.models.encoders.glove import without_word_vectors
     from itm.models.module import ITMModule
+    from itm.released import load_released
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    released = load_released(path)  # an authors' checkpoint (SCAN, ..., SGRAF); None for itm's
+    if released is not None:
+        log.info("%s", released.summary())
+        return released.build_model().to(device).eval()
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # older / foreign checkpoints with pickled objects
@@ -59,7 +67,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     hparams = ckpt.get("hyper_parameters") or {}
     if "cfg" not in hparams:
         raise ValueError(f"{path} holds no model config (hyper_parameters.cfg): not an itm run?")
-    model = ITMModule(hparams["cfg"])
+    model = ITMModule(without_word_vectors(hparams["cfg"]))
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device).eval()
 
@@ -90,10 +98,15 @@ def data_config(cfg: DictConfig, ckpt: str | Path | None) -> DictConfig:
     return data
 
 
-def build_data(cfg: DictConfig, data_cfg: DictConfig, model_cfg: Mapping[str, Any]):
+def build_data(
+    cfg: DictConfig, data_cfg: DictConfig, model_cfg: Mapping[str, Any], split: str | None = None
+):
+    """The data module; with ``split`` and no ``splits`` in the data config, only the evaluated
+    split is validated (an evaluation folder may hold nothing else)."""
     from hydra.utils import instantiate
 
-    dm = instantiate(data_cfg, _convert_="all")
+    only = {"splits": [split]} if split and "splits" in data_cfg and not data_cfg.splits else {}
+    dm = instantiate(data_cfg, _convert_="all", **only)
     text = model_cfg.get("text_encoder", {})
     if "path" in text:  # a pretrained (BERT) text encoder brings its own tokenizer
         from itm.data.tokenizers import BertCaptionTokenizer
@@ -138,7 +151,7 @@ def score_checkpoint(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(sims [N_img, N_cap] float32, cap_to_img [N_cap])`` of one checkpoint."""
     model = load_checkpoint(ckpt, device)
-    dm = build_data(cfg, data_config(cfg, ckpt), model.cfg)
+    dm = build_data(cfg, data_config(cfg, ckpt), model.cfg, split)
     t0 = time.perf_counter()
     e = encode_split(model, dm, split)
     t1 = time.perf_counter()
