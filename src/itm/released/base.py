@@ -43,7 +43,7 @@ __all__ = [
 #: a word -> id dict)
 SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
 
-_UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_UNSUPPORTED = re.compile(r"GLOBAL ([\w.]+)")
 
 
 def read_checkpoint(path: str | Path) -> Any:

@@ -92,7 +92,8 @@ def convert(ckpt: Mapping[str, Any], path: str | Path) -> Released:
     if pooling == "lse":
         conv.map("belta", "model.pooling.lambda_lse", lambda b: 1.0 / float(b))
         conv.set("model.pooling.rescale", False, "pooling_type")
-    else:
+    else:  # the recipe's LSE settings do not apply to the other poolings
+        conv.overrides += ["~model.pooling.lambda_lse", "~model.pooling.rescale"]
         conv.note("belta", "read only by LSEPooling / SoftmaxPooling")
     map_encoders(conv, bidirectional=True)  # CHAN builds the BiGRU with use_bi_gru=True
     map_training(conv)

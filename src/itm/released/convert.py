@@ -87,6 +87,8 @@ def main(args: Any) -> int:
     overrides = " ".join(released.overrides)
     print(f"\nwrote {args.out}: an itm checkpoint of {released.variant}")
     print(f"  evaluate:  python eval.py ckpt_path={args.out} data=precomp data.root=DATA")
-    print(f"  fine-tune: python train.py {overrides} ckpt_path={args.out} data=precomp data.root=DATA")
+    print(
+        f"  fine-tune: python train.py {overrides} ckpt_path={args.out} data=precomp data.root=DATA"
+    )
     print("  (fine-tuning starts at epoch 0 with a fresh optimiser: the authors' file has none)")
     return 0
