@@ -68,7 +68,6 @@ def convert(ckpt: Mapping[str, Any], path: str | Path) -> Released:
     img, txt, head = model_list(conv, ckpt, 3)
     module = conv.choose("module_name", MODULES)
     conv.set("model/align", "sgraf", "module_name")
-    conv.set("pooling", "avg")  # the SGRAF head ignores the pooling group
     conv.set("model.align.module", module, "module_name")
     conv.map("sim_dim", "model.align.sim_dim", int)
     steps = conv.map("sgr_step", "model.align.sgr_step", int, default=3)
