@@ -764,6 +764,8 @@ def test_scan_ensemble_t2i_avg_plus_i2t_lse(compose, tmp_path):
     np.testing.assert_allclose(s1, scan_expected("scan_i2t_lse"), rtol=0, atol=ATOL)
     mean = (scan_expected("scan_t2i_avg") + scan_expected("scan_i2t_lse")) / 2
     assert metrics["f30k/rsum"] == pytest.approx(recall_at_k(mean)["rsum"])
+    saved_mean = np.load(tmp_path / "out" / "sims_ensemble.npy")
+    np.testing.assert_allclose(saved_mean, mean, rtol=0, atol=ATOL)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["sources"] == [str(a), str(b)]
 

@@ -4,6 +4,7 @@
     python eval.py ckpt_path=... data=coco eval.protocol=coco1k+5k
     python eval.py 'ckpt_path=[a.ckpt,b.ckpt]'                 # ensemble: averaged matrices
     python eval.py ckpt_path=a.ckpt eval.save_matrix=true       # also writes sims_0.npy
+                                                                # (ensembles: sims_ensemble.npy)
     python eval.py 'eval.matrices=[run1/sims_0.npy,run2/sims_0.npy]'   # ensemble saved ones
 
 Each checkpoint is rebuilt from the model config it carries (``hyper_parameters.cfg``, loaded
@@ -271,6 +272,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 "(the public file order); this split is laid out differently"
             )
     sims = ensemble(matrices) if len(matrices) > 1 else matrices[0]
+    if len(matrices) > 1 and cfg.eval.get("save_matrix"):  # the averaged matrix that is ranked
+        path = out_dir / "sims_ensemble.npy"
+        _atomic_write(path, lambda tmp: _save_npy(tmp, np.asarray(sims)))
+        log.info("saved the ensemble's score matrix to %s", path)
     results = _protocol_results(sims, protocol, cfg)
 
     title = "ensemble of " + ", ".join(sources) if len(sources) > 1 else sources[0]
