@@ -899,6 +899,7 @@ def test_convert_cli_lists_the_options(tmp_path):
     assert main(["convert", str(out), "--out", str(tmp_path / "again.ckpt")]) == 2  # already itm
 
 
+@pytest.mark.slow
 def test_converted_checkpoint_fine_tunes_one_epoch(tmp_path):
     """``train.py <printed overrides> ckpt_path=<converted>`` resumes and trains an epoch."""
     src = shared_case(tmp_path, "scan_t2i_lse")

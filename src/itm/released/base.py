@@ -258,9 +258,6 @@ class Conversion:
             )
         return default
 
-    def has(self, key: str) -> bool:
-        return key in self._opt
-
     def unsupported(self, key: str, value: Any, what: str) -> CheckpointError:
         return CheckpointError(
             f"{self.path}: {self.format} checkpoint with {key}={value!r}: {what}"
@@ -294,12 +291,16 @@ class Conversion:
         self.set(target, convert(value), key)
         return value
 
-    def note(self, key: str, reason: str, default: Any = None) -> None:
-        """Option ``key`` read, with no itm counterpart, because ``reason``."""
-        if key in self._opt or default is not None:
-            value = self._opt.get(key, default)
+    def explain(self, key: str, text: str) -> None:
+        """Option ``key`` read and mapped by the recipe itself (no override), as ``text``."""
+        self._read.add(key)
+        self.mapped.setdefault(key, []).append(text)
+
+    def note(self, key: str, reason: str) -> None:
+        """Option ``key``, when the file has it, read with no itm counterpart: ``reason``."""
+        if key in self._opt:
             self._read.add(key)
-            self.unmapped[key] = f"{_short(value)}: {reason}"
+            self.unmapped[key] = f"{_short(self._opt[key])}: {reason}"
 
     # --- weights ----------------------------------------------------------------------------
 

@@ -100,9 +100,9 @@ def convert(ckpt: Mapping[str, Any], path: str | Path) -> Released:
     conv.map("vse_mean_warmup_epochs", "model.warmup_epochs", int, default=0)
     size_augmentation(conv)
     if conv.choose("optim", {"adam": "AdamW"}, default="adam"):
-        conv.mapped["optim"] = ["'adam': torch.optim.AdamW, weight decay 0.01 (chan_bigru)"]
+        conv.explain("optim", "'adam': torch.optim.AdamW, weight decay 0.01 (chan_bigru)")
     if conv.option("criterion", "ContrastiveLoss") == "ContrastiveLoss":
-        conv.mapped["criterion"] = ["'ContrastiveLoss': model.loss (itm.models.ContrastiveLoss)"]
+        conv.explain("criterion", "'ContrastiveLoss': model.loss (itm.models.ContrastiveLoss)")
     else:
         conv.note("criterion", "no itm counterpart (itm trains with the hinge ContrastiveLoss)")
     conv.note("temperature", "read only by CHAN's other criteria")

@@ -63,7 +63,7 @@ def convert(ckpt: Mapping[str, Any], path: str | Path) -> Released:
     conv.map("lambda_softmax", "model.align.lambda_softmax", float)
     conv.map("no_IMRAM_norm", "model.align.renorm_memory", lambda v: not v)
     conv.choose("raw_feature_norm", {"clipped_l2norm": None}, default="clipped_l2norm")
-    conv.mapped["raw_feature_norm"] = ["clipped_l2norm (the IMRAM head's attention norm)"]
+    conv.explain("raw_feature_norm", "clipped_l2norm (the IMRAM head's attention norm)")
     if conv.option("pos_emb", False):
         raise conv.unsupported("pos_emb", True, "IMRAM's position embedding has no itm counterpart")
     conv.note("agg_func", "not read by IMRAM's scorers (they average the fragment scores)")

@@ -58,7 +58,7 @@ def convert(ckpt: Mapping[str, Any], path: str | Path) -> Released:
             raise conv.unsupported(
                 key, True, "itm's global head always l2-normalises the pooled vectors"
             )
-        conv.mapped[key] = ["False: the global head l2-normalises the pooled vector"]
+        conv.explain(key, "False: the global head l2-normalises the pooled vector")
     conv.map("embed_size", "model.embed_size", int)
     conv.map("word_dim", "model.text_encoder.word_dim", int)
     conv.map("num_layers", "model.text_encoder.num_layers", int, default=1)
@@ -69,7 +69,7 @@ def convert(ckpt: Mapping[str, Any], path: str | Path) -> Released:
     conv.set("model.image_encoder.region_drop", 0.2 if drop else 0.0, "drop")
     conv.set("model.text_encoder.word_aug", 0.2 if drop else 0.0, "drop")
     if conv.choose("optim", {"adam": "AdamW"}, default="adam"):
-        conv.mapped["optim"] = ["'adam': torch.optim.AdamW, weight decay 1e-4 (vse_inf_bigru)"]
+        conv.explain("optim", "'adam': torch.optim.AdamW, weight decay 1e-4 (vse_inf_bigru)")
     for key in BACKBONE_ONLY:
         conv.note(key, "read only by the grid-feature (backbone) models")
     conv.note("reset_start_epoch", "the authors' resume option")
