@@ -240,6 +240,7 @@ class Conversion:
         self.unmapped: dict[str, str] = {}
         self.dropped: dict[str, str] = {}
         self.state_dict: dict[str, Tensor] = {}
+        self.optional: list[tuple[str, Any, str, str]] = []
         self.epoch = ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int) else None
         rsum = ckpt.get("best_rsum")
         self.best_rsum = float(rsum) if isinstance(rsum, (int, float)) else None
@@ -302,6 +303,11 @@ class Conversion:
             self._read.add(key)
             self.unmapped[key] = f"{_short(self._opt[key])}: {reason}"
 
+    def set_if_offered(self, target: str, value: Any, option: str, what: str) -> None:
+        """Override ``target=value`` when the composed model config has that key (a field
+        this itm version may not offer yet); else list ``option`` as without counterpart."""
+        self.optional.append((target, value, option, what))
+
     # --- weights ----------------------------------------------------------------------------
 
     def weights(
@@ -357,6 +363,17 @@ class Conversion:
             reason = bookkeeping.get(key, "not read by itm")
             self.unmapped[key] = f"{_short(self._opt[key])}: {reason}"
         model_cfg = compose_model_config(self.overrides)
+        for target, value, option, what in self.optional:
+            *parents, leaf = target.split(".")[1:]  # below "model."
+            node = model_cfg
+            for name in parents:
+                node = node.get(name) if isinstance(node, dict) else None
+            if isinstance(node, dict) and leaf in node:
+                node[leaf] = value
+                self.overrides.append(f"{target}={hydra_value(value)}")
+                self.mapped.setdefault(option, []).append(f"{target}={hydra_value(value)}")
+            else:
+                self.unmapped[option] = f"{value!r}: {what} (no {target} in this itm version)"
         sizes(model_cfg)
         return Released(
             path=self.path,

@@ -74,7 +74,9 @@ def convert(ckpt: Mapping[str, Any], path: str | Path) -> Released:
     conv.set("model.align.lambda_softmax", 9.0)
     conv.set("model.align.num_region", 36)
     conv.set("model.align.dropout", 0.4)
-    conv.set("model.text_encoder.dropout", 0.4)
+    conv.set_if_offered(
+        "model.text_encoder.dropout", 0.4, "dropout", "dropout on the word embeddings in training"
+    )
     conv.note("lambda_softmax", "not read: SGRAF's attention temperature is fixed at 9")
     map_encoders(conv)
     map_training(conv)
