@@ -651,8 +651,8 @@ def _sgraf_head_available() -> bool:
 
 needs_sgraf = pytest.mark.skipif(
     not _sgraf_head_available(),
-    reason="the SGRAF head (itm.models.align.sgraf, conf/model/align/sgraf.yaml) and the BiGRU "
-    "dropout field are not on this branch yet",
+    reason="the SGRAF head (itm.models.align.sgraf with conf/model/align/sgraf.yaml) is not on "
+    "this branch yet",
 )
 
 
