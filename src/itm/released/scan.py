@@ -46,12 +46,17 @@ def matches(ckpt: Mapping[str, Any], opt: Mapping[str, Any]) -> bool:
 
 
 def fold_weight_norm(img: Mapping[str, Tensor], conv: Conversion) -> dict[str, Tensor]:
-    """``fc.weight_g`` / ``fc.weight_v`` of ``weight_norm(Linear, dim=None)`` folded into one
-    ``fc.weight = g * v / ||v||_F`` (the same Linear at evaluation)."""
+    """``fc.weight_g`` / ``fc.weight_v`` of ``weight_norm(Linear, dim=None)`` (the authors') folded
+    into one ``fc.weight = g * v / ||v||_F``, the same Linear at evaluation (a per-row ``g``,
+    weight_norm's ``dim=0``, divides each row by its own norm)."""
     img = dict(img)
     if "fc.weight_v" in img:
         g, v = img.pop("fc.weight_g"), img.pop("fc.weight_v")
-        img["fc.weight"] = (g * v / torch.linalg.vector_norm(v)).to(v.dtype)
+        if g.numel() == 1:
+            norm = torch.linalg.vector_norm(v)
+        else:
+            norm = torch.linalg.vector_norm(v, dim=1, keepdim=True)
+        img["fc.weight"] = (g.reshape(-1, 1) if g.numel() > 1 else g) * v / norm
         conv.dropped["model[0][fc.weight_g, fc.weight_v]"] = (
             "weight normalisation folded into fc.weight = g v / ||v|| (fine-tuning then trains "
             "the plain weight)"
