@@ -56,8 +56,11 @@ RNG_KEY = "itm_rng_state"
 
 #: model config nodes that define the architecture (a difference makes a checkpoint unusable)
 ARCH_KEYS = ("embed_size", "image_encoder", "text_encoder", "align", "pooling")
-#: keys inside those nodes that change training only, not the parameters (a difference warns)
-SOFT_KEYS = frozenset({"word_aug", "region_aug", "size_aug", "lr_mult", "dropout"})
+#: keys inside those nodes that change training only, not the parameters (a difference warns);
+#: glove_path / vocab_path only initialise a new word table
+SOFT_KEYS = frozenset(
+    {"word_aug", "region_aug", "size_aug", "lr_mult", "dropout", "glove_path", "vocab_path"}
+)
 
 
 class CheckpointError(ValueError):

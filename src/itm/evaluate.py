@@ -4,6 +4,7 @@
     python eval.py ckpt_path=... data=coco eval.protocol=coco1k+5k
     python eval.py 'ckpt_path=[a.ckpt,b.ckpt]'                 # ensemble: averaged matrices
     python eval.py ckpt_path=a.ckpt eval.save_matrix=true       # also writes sims_0.npy
+                                                                # (ensembles: sims_ensemble.npy)
     python eval.py 'eval.matrices=[run1/sims_0.npy,run2/sims_0.npy]'   # ensemble saved ones
 
 Each checkpoint is rebuilt from the model config it carries (``hyper_parameters.cfg``, loaded
@@ -43,12 +44,20 @@ __all__ = ["encode_split", "evaluate", "load_checkpoint", "score_checkpoint"]
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     """Rebuild an :class:`~itm.models.module.ITMModule` from a Lightning checkpoint (its
-    hyperparameters carry the resolved model config), weights loaded, in eval mode."""
+    hyperparameters carry the resolved model config), weights loaded, in eval mode; an
+    authors' checkpoint (SCAN, BFAN, IMRAM, CHAN, VSE-infinity, SGRAF) is converted by
+    :mod:`itm.released`."""
+    from itm.models.encoders.glove import without_word_vectors
     from itm.models.module import ITMModule
+    from itm.released import load_released
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    released = load_released(path)  # an authors' checkpoint (SCAN, ..., SGRAF); None for itm's
+    if released is not None:
+        log.info("%s", released.summary())
+        return released.build_model().to(device).eval()
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # older / foreign checkpoints with pickled objects
@@ -59,7 +68,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     hparams = ckpt.get("hyper_parameters") or {}
     if "cfg" not in hparams:
         raise ValueError(f"{path} holds no model config (hyper_parameters.cfg): not an itm run?")
-    model = ITMModule(hparams["cfg"])
+    model = ITMModule(without_word_vectors(hparams["cfg"]))
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device).eval()
 
@@ -90,10 +99,15 @@ def data_config(cfg: DictConfig, ckpt: str | Path | None) -> DictConfig:
     return data
 
 
-def build_data(cfg: DictConfig, data_cfg: DictConfig, model_cfg: Mapping[str, Any]):
+def build_data(
+    cfg: DictConfig, data_cfg: DictConfig, model_cfg: Mapping[str, Any], split: str | None = None
+):
+    """The data module; with ``split`` and no ``splits`` in the data config, only the evaluated
+    split is validated (an evaluation folder may hold nothing else)."""
     from hydra.utils import instantiate
 
-    dm = instantiate(data_cfg, _convert_="all")
+    only = {"splits": [split]} if split and "splits" in data_cfg and not data_cfg.splits else {}
+    dm = instantiate(data_cfg, _convert_="all", **only)
     text = model_cfg.get("text_encoder", {})
     if "path" in text:  # a pretrained (BERT) text encoder brings its own tokenizer
         from itm.data.tokenizers import BertCaptionTokenizer
@@ -138,7 +152,7 @@ def score_checkpoint(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(sims [N_img, N_cap] float32, cap_to_img [N_cap])`` of one checkpoint."""
     model = load_checkpoint(ckpt, device)
-    dm = build_data(cfg, data_config(cfg, ckpt), model.cfg)
+    dm = build_data(cfg, data_config(cfg, ckpt), model.cfg, split)
     t0 = time.perf_counter()
     e = encode_split(model, dm, split)
     t1 = time.perf_counter()
@@ -258,6 +272,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 "(the public file order); this split is laid out differently"
             )
     sims = ensemble(matrices) if len(matrices) > 1 else matrices[0]
+    if len(matrices) > 1 and cfg.eval.get("save_matrix"):  # the averaged matrix that is ranked
+        path = out_dir / "sims_ensemble.npy"
+        _atomic_write(path, lambda tmp: _save_npy(tmp, np.asarray(sims)))
+        log.info("saved the ensemble's score matrix to %s", path)
     results = _protocol_results(sims, protocol, cfg)
 
     title = "ensemble of " + ", ".join(sources) if len(sources) > 1 else sources[0]

@@ -3,6 +3,7 @@
     itm-prepare vocab DIR [--threshold 4] [--splits train] [--out FILE]
     itm-prepare h5 DIR [--out OUT_DIR] [--float16] [--splits train dev test testall] [--force]
     itm-prepare check DIR [--format auto|npy|h5] [--vocab FILE]
+    itm-prepare convert AUTHORS_CHECKPOINT --out FILE [--force]
 
 ``vocab`` counts the words of the chosen splits' captions (the project's tokenizer, see
 :func:`itm.data.vocab.tokenize`) and keeps those seen at least ``--threshold`` times (SCAN: 4,
@@ -13,6 +14,10 @@ each atomically, and copies DIR's ``*_vocab.json`` along when OUT_DIR differs fr
 
 ``check`` validates DIR as training would (every problem named with its file) and prints a
 summary per split.
+
+``convert`` rewrites a checkpoint of the authors' code (SCAN, BFAN, IMRAM, CHAN, VSE-infinity,
+SGRAF) as a regular itm checkpoint (:mod:`itm.released.convert`), listing the options mapped and
+those without an itm counterpart.
 """
 
 from __future__ import annotations
@@ -123,6 +128,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from itm.released.convert import main as convert_main
+
+    return convert_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="itm-prepare", description="Prepare image-text matching data for itm."
@@ -153,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", help="vocabulary file (default: found next to the data)")
     p.add_argument("--splits", nargs="+", choices=SPLITS, help="splits (default: all present)")
     p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("convert", help="rewrite an authors' checkpoint as an itm checkpoint")
+    p.add_argument("checkpoint", help="the authors' file (e.g. model_best.pth.tar)")
+    p.add_argument("--out", required=True, help="the itm checkpoint to write (e.g. model.ckpt)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(func=_cmd_convert)
     return parser
 
 
@@ -161,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (DataError, ValueError) as e:
+    except (DataError, ValueError, FileExistsError) as e:
         print(f"itm-prepare {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
+
+from itm.data.treebank import treebank_tokenize
 
 __all__ = [
     "END",
@@ -33,30 +34,15 @@ PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 PAD_ID, START_ID, END_ID, UNK_ID = 0, 1, 2, 3
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, START, END, UNK)
 
-# Tried left to right at each position; a rough approximation of nltk's ``word_tokenize`` on
-# lower-cased text (which built the public SCAN vocabularies):
-#   "don't" -> "do", "n't";  "dog's" -> "dog", "'s";  "t-shirt" -> "t-shirt";  "3.5" -> "3.5";
-#   every other non-space, non-word character (punctuation) is a token of its own: "." "," "!".
-_TOKEN_RE = re.compile(
-    r"""
-      [^\W_]+(?=n't\b)              # "do" of "don't", "is" of "isn't"
-    | n't\b                         # the negation clitic itself
-    | '[^\W\d_]+                    # "'s", "'re", "'ll"
-    | \d+(?:[.,]\d+)+               # numbers with a decimal / thousands separator
-    | [^\W_]+(?:-[^\W_]+)*          # words, hyphenated words kept whole
-    | \S                            # any other single character (punctuation)
-    """,
-    re.VERBOSE,
-)
-
 
 def tokenize(text: str) -> list[str]:
-    """Split ``text`` into lower-cased word tokens.
+    """Split ``text`` into lower-cased word tokens, as the authors' ``nltk.word_tokenize(
+    caption.lower())`` did (Penn Treebank rules, :mod:`itm.data.treebank`).
 
-    Words (letters/digits, hyphenated compounds and decimal numbers kept whole) and clitics
-    (``n't``, ``'s``) are tokens; each punctuation character is kept as a token of its own, as
-    nltk's ``word_tokenize`` does, so ``"A dog, running."`` gives
-    ``["a", "dog", ",", "running", "."]``. Whitespace is dropped.
+    Words keep their hyphens and inner periods (``t-shirt``, ``3.5``, ``3,000``); clitics are
+    split off (``don't`` -> ``do`` ``n't``, ``dog's`` -> ``dog`` ``'s``); the final period,
+    commas, ``! ? ; & $ %``, brackets and quotes are tokens of their own, so ``"A dog, running."``
+    gives ``["a", "dog", ",", "running", "."]``. Whitespace is dropped.
 
     Args:
         text: a caption.
@@ -64,7 +50,7 @@ def tokenize(text: str) -> list[str]:
     Returns:
         The tokens in order (empty for an empty or all-whitespace string).
     """
-    return _TOKEN_RE.findall(text.lower())
+    return treebank_tokenize(text.lower())
 
 
 class Vocabulary:

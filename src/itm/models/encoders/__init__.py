@@ -7,6 +7,7 @@ In training with size augmentation on (``region_drop`` / ``word_aug`` > 0) an en
 from itm.models.encoders.augment import augment_words, drop_regions
 from itm.models.encoders.bert import BertTextEncoder
 from itm.models.encoders.image import FCImageEncoder, MLPImageEncoder
+from itm.models.encoders.selfattn import SelfAttentionImageEncoder
 from itm.models.encoders.text import BiGRUTextEncoder, l2norm
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "BiGRUTextEncoder",
     "FCImageEncoder",
     "MLPImageEncoder",
+    "SelfAttentionImageEncoder",
     "augment_words",
     "drop_regions",
     "l2norm",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -10,6 +12,8 @@ from itm.models.encoders.augment import augment_words
 from itm.models.encoders.common import l2norm
 
 __all__ = ["BiGRUTextEncoder", "l2norm"]
+
+log = logging.getLogger(__name__)
 
 PAD_ID, UNK_ID = 0, 3  # the SCAN vocabulary's <pad> and <unk> (itm.data.vocab)
 
@@ -36,6 +40,17 @@ class BiGRUTextEncoder(nn.Module):
         norm: l2-normalise each word embedding.
         word_aug: probability of augmenting each word in training (0.2 in the CHAN /
             VSE-infinity recipes; 0 = off).
+        glove_path: a local GloVe text file: the rows of the words it holds (looked up as in
+            :func:`~itm.models.encoders.glove.read_glove`) start from their GloVe vectors, the
+            other rows from N(0, 1), as CHAN's ``--wemb_type=glove`` (its attempt to freeze
+            the table sets an attribute of the module, not of the weight, so the embedding
+            trains). Read once, when the model is built for training; evaluation rebuilds the
+            model from its checkpoint without reading it. Needs ``vocab_path``.
+        vocab_path: the SCAN ``*_vocab.json`` whose ids index the table (with ``glove_path``).
+
+    Raises:
+        ValueError: ``glove_path`` without ``vocab_path``, a vocabulary larger than
+            ``vocab_size``, or a GloVe file of another dimension than ``word_dim``.
     """
 
     #: id written for a masked word (the SCAN vocabulary's ``<unk>``).
@@ -52,6 +67,8 @@ class BiGRUTextEncoder(nn.Module):
         bidirectional: bool = True,
         norm: bool = True,
         word_aug: float = 0.0,
+        glove_path: str | None = None,
+        vocab_path: str | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= word_aug <= 1.0:
@@ -63,6 +80,38 @@ class BiGRUTextEncoder(nn.Module):
         self.rnn = nn.GRU(
             word_dim, embed_size, num_layers, batch_first=True, bidirectional=bidirectional
         )
+        if glove_path:
+            self.init_from_glove(glove_path, vocab_path)
+
+    @torch.no_grad()
+    def init_from_glove(self, glove_path: str, vocab_path: str | None) -> list[str]:
+        """Initialise the word table from a GloVe file (see ``glove_path``); returns the
+        vocabulary words GloVe does not hold."""
+        from itm.data.vocab import Vocabulary
+        from itm.models.encoders.glove import read_glove
+
+        if not vocab_path:
+            raise ValueError(
+                "model.text_encoder.glove_path needs model.text_encoder.vocab_path (the "
+                "*_vocab.json whose ids the word table uses)"
+            )
+        vocab = Vocabulary.from_json(vocab_path)
+        if len(vocab) > self.vocab_size:
+            raise ValueError(
+                f"vocabulary {vocab_path} holds {len(vocab)} words, the word table "
+                f"{self.vocab_size} rows (model.text_encoder.vocab_size)"
+            )
+        rows, vectors, missing = read_glove(glove_path, vocab.word2idx, self.embed.embedding_dim)
+        nn.init.normal_(self.embed.weight)
+        self.embed.weight[rows] = vectors
+        log.info(
+            "word table: %d of %d vocabulary words from %s (%d missing)",
+            len(rows),
+            len(vocab),
+            glove_path,
+            len(missing),
+        )
+        return missing
 
     def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         # Slots past a caption's length may hold anything: replace them by <pad> before lookup.
