@@ -8,7 +8,7 @@ from itm.models.encoders.augment import augment_words, drop_regions
 from itm.models.encoders.bert import BertTextEncoder
 from itm.models.encoders.image import FCImageEncoder, MLPImageEncoder
 from itm.models.encoders.selfattn import SelfAttentionImageEncoder
-from itm.models.encoders.text import BiGRUTextEncoder, l2norm
+from itm.models.encoders.text import BiGRUTextEncoder
 
 __all__ = [
     "BertTextEncoder",
@@ -18,5 +18,4 @@ __all__ = [
     "SelfAttentionImageEncoder",
     "augment_words",
     "drop_regions",
-    "l2norm",
 ]

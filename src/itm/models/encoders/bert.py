@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from itm.models.encoders.augment import augment_words
-from itm.models.encoders.common import l2norm
+from itm.models.functional import l2n
 
 __all__ = ["BertTextEncoder", "read_bert_vocab"]
 
@@ -156,5 +156,5 @@ class BertTextEncoder(nn.Module):
         tokens = tokens.masked_fill(~mask, self.pad_id)
         hidden = self.bert(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
         out = self.fc(hidden)
-        out = l2norm(out) if self.norm else out
+        out = l2n(out) if self.norm else out
         return (out, lengths) if augment else out

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from itm.models.encoders.augment import drop_regions
-from itm.models.encoders.common import l2norm
+from itm.models.functional import l2n
 
 
 class FCImageEncoder(nn.Module):
@@ -53,7 +53,7 @@ class FCImageEncoder(nn.Module):
         if augment:
             images, lengths = drop_regions(images, lengths, self.region_drop)
         x = self.embed(images, lengths)
-        x = l2norm(x) if self.norm else x
+        x = l2n(x) if self.norm else x
         return (x, lengths) if augment else x
 
 

@@ -9,9 +9,9 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from itm.models.encoders.augment import augment_words
-from itm.models.encoders.common import l2norm
+from itm.models.functional import l2n
 
-__all__ = ["BiGRUTextEncoder", "l2norm"]
+__all__ = ["BiGRUTextEncoder"]
 
 log = logging.getLogger(__name__)
 
@@ -137,5 +137,5 @@ class BiGRUTextEncoder(nn.Module):
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=total)
         if self.bidirectional:
             out = (out[..., : self.embed_size] + out[..., self.embed_size :]) / 2
-        out = l2norm(out) if self.norm else out
+        out = l2n(out) if self.norm else out
         return (out, lengths) if augment else out
