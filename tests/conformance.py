@@ -15,7 +15,8 @@ one-token caption; slots past a length hold GARBAGE):
 - train and eval mode agree when the head has no parameters and no buffers;
 - float32 is close to float64;
 - the peak memory of a block stays within the head's declared ``bytes_per_pair``;
-- its alignment picture is ``[L, K]``, finite, and sums to 1 along its declared axis.
+- its alignment picture is ``[L, K]``, finite, and sums to 1 along its declared axis;
+- bf16 scoring is close to float32, or refused with the head's name.
 """
 
 from __future__ import annotations
@@ -294,6 +295,26 @@ def check_alignment(sim: Similarity) -> None:
             assert float(att.min()) >= 0.0
 
 
+def check_bf16(sim: Similarity) -> None:
+    """``score_matrix(precision="bf16")`` is close to float32 (its products in bfloat16: ~3
+    significant digits), or, for a head without bf16 support, refused with its name."""
+    img, il, cap, cl = head_inputs(seed=4)
+    single = copy.deepcopy(sim).float()
+    img, cap = img.float(), cap.float()
+    if not single.align.supports_bf16:
+        try:
+            single.score_matrix(img, il, cap, cl, precision="bf16")
+        except ValueError as err:
+            assert type(single.align).__name__ in str(err) and "bf16" in str(err), str(err)
+            return
+        raise AssertionError("a head without supports_bf16 accepted bf16 scoring")
+    ref = single.score_matrix(img, il, cap, cl)
+    got = single.score_matrix(img, il, cap, cl, precision="bf16")
+    assert got.dtype == torch.float32
+    err = float((got - ref).abs().max())
+    assert err <= 2e-2 * max(1.0, float(ref.abs().max())), f"bf16 differs by {err:.2e}"
+
+
 HEAD_CHECKS: tuple[Callable[[Similarity], None], ...] = (
     check_garbage_padding,
     check_no_gradient_at_padding,
@@ -302,6 +323,7 @@ HEAD_CHECKS: tuple[Callable[[Similarity], None], ...] = (
     check_float32,
     check_workspace,
     check_alignment,
+    check_bf16,
 )
 
 

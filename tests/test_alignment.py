@@ -19,12 +19,10 @@ import pytest
 
 import conformance as C
 from itm.metrics import recall_at_k
-from trained import chance_rsum, planted_alignment, score_split, trained
+from trained import SLOW_TO_TRAIN, chance_rsum, planted_alignment, score_split, trained
 
 #: the criterion: fraction of concept words whose most-weighted region is their planted one
 MIN_HIT = 0.35
-#: heads whose short training takes over a minute on 2 cores (run in CI and `make test-all`)
-SLOW_TO_TRAIN = {"imram"}
 
 REGION_WORD_HEADS = [n for n in C.discover("model/align") if n != "global"]
 

@@ -80,6 +80,40 @@ def test_equals_tensor_kernel(bc, kc, lq, bq, kind, lam):
     torch.testing.assert_close(got.double()[valid], want[valid], rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize(("bc", "kc", "lq", "bq"), SHAPES)
+@pytest.mark.parametrize("kind", ["clipped_l2norm", "l2norm"])
+def test_bf16_scores_equal_the_widened_float32_scores(bc, kc, lq, bq, kind):
+    """bf16 scoring hands the kernel bfloat16 scores: it widens each context set's slab and
+    computes exactly what the float32 kernel computes on the widened scores."""
+    s, ctx, ctx_mask, q_sq, q_mask = _block(bc * 7 + kc + lq + bq, bc, kc, lq, bq, garbage=False)
+    s16 = s.to(torch.bfloat16)
+    args = (bq, gram_with_ones(ctx, ctx_mask).float(), ctx_mask, q_sq.float(), kind, 9.0)
+    got = fused.attend_cosine_fused(s16, *args)
+    want = fused.attend_cosine_fused(s16.float(), *args)
+    assert got is not None and got.dtype == torch.float32
+    valid = q_mask[None].expand_as(got)
+    assert torch.equal(got[valid], want[valid])
+
+
+def test_bf16_scoring_takes_the_fused_kernel(monkeypatch):
+    seen = []
+    real = fused.attend_cosine_fused
+
+    def spy(s, *args):
+        seen.append(s.dtype)
+        return real(s, *args)
+
+    monkeypatch.setattr(fused, "attend_cosine_fused", spy)
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(5, 6, 32, generator=g), dim=-1)
+    cap = torch.nn.functional.normalize(torch.randn(7, 4, 32, generator=g), dim=-1)
+    il, cl = torch.tensor([6, 2, 6, 5, 1]), torch.tensor([4, 1, 3, 4, 2, 4, 4])
+    sim = Similarity(SCAN("both"), LSEPool())
+    got = sim.score_matrix(img, il, cap, cl, precision="bf16", exact_top=0)
+    assert torch.bfloat16 in seen
+    torch.testing.assert_close(got, sim.score_matrix(img, il, cap, cl), rtol=0, atol=2e-2)
+
+
 def test_output_is_query_set_major():
     """The kernel writes ``[Bc, Bq, Lq]`` (what the pooling reads) and returns its view."""
     s, ctx, ctx_mask, q_sq, _ = _block(1, 2, 5, 3, 4)

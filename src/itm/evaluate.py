@@ -157,7 +157,12 @@ def score_checkpoint(
     e = encode_split(model, dm, split)
     t1 = time.perf_counter()
     sims = model.similarity.score_matrix(
-        e["img"], e["img_lens"], e["cap"], e["cap_lens"], float(cfg.eval.max_block_mb)
+        e["img"],
+        e["img_lens"],
+        e["cap"],
+        e["cap_lens"],
+        float(cfg.eval.max_block_mb),
+        precision=str(cfg.eval.get("precision") or "fp32"),
     )
     t2 = time.perf_counter()
     n_img, n_cap = sims.shape

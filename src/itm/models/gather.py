@@ -146,8 +146,9 @@ def gathered_contrastive_loss(
     img_lens_all, _ = gather_rows(img_lens, all_gather, sync_grads=False)
     cap_lens_all, _ = gather_rows(cap_lens, all_gather, sync_grads=False)
     offset = sum(sizes[:rank])
-    rows = score(img, img_lens, cap_all, cap_lens_all)  # [b, B]
-    cols = score(img_all, img_lens_all, cap, cap_lens)  # [B, b]
+    # float32 for the loss, also when the head ran under bf16 / fp16 autocast
+    rows = score(img, img_lens, cap_all, cap_lens_all).float()  # [b, B]
+    cols = score(img_all, img_lens_all, cap, cap_lens).float()  # [B, b]
     row_mask = col_mask = None
     if cap_ids is not None:
         ids_all, _ = gather_rows(cap_ids, all_gather, sync_grads=False)

@@ -78,7 +78,8 @@ class ITMModule(pl.LightningModule):
             nodes), ``optimizer`` (a ``_partial_`` optimizer node), ``scheduler`` (a
             ``_partial_`` lr scheduler node or null), ``warmup_epochs`` (epochs of
             sum-over-negatives loss before hardest negatives), ``eval_max_block_mb`` (memory
-            budget of block-wise scoring).
+            budget of block-wise scoring), ``eval_precision`` (``fp32`` | ``bf16``, its
+            precision).
     """
 
     def __init__(self, cfg: Mapping | DictConfig) -> None:
@@ -94,6 +95,11 @@ class ITMModule(pl.LightningModule):
         # DDP: hardest negatives over the batch of all ranks (itm.models.gather)
         self.loss_gather = bool(cfg.get("loss_gather", False))
         self.eval_max_block_mb = float(cfg.get("eval_max_block_mb", 256))
+        self.eval_precision = str(cfg.get("eval_precision", "fp32"))
+        if self.eval_precision == "bf16":  # refused before training, not at the first epoch's end
+            from itm.models.align.engine import check_bf16
+
+            check_bf16(self.similarity.align)
         self._eval_buffers: dict[str, list[tuple[Tensor, ...]]] = {"img": [], "cap": []}
         self._epoch_start = 0.0
         self._epoch_samples = 0
@@ -116,11 +122,13 @@ class ITMModule(pl.LightningModule):
         return self._unpack(self.text_encoder(tokens, lengths), lengths)
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
-        """Scores ``[B, B]`` of a training batch (image i with caption j)."""
+        """Scores ``[B, B]`` of a training batch (image i with caption j), in float32: under
+        bf16 / fp16 autocast the head's products run in half precision, but the hinge loss
+        summed over a batch (margin 0.2) would lose digits, so the loss sees float32."""
         img, img_lens = self.encode_images(batch["images"], batch["img_lens"])
         cap, cap_lens = self.encode_captions(batch["captions"], batch["cap_lens"])
         img, cap = same_dtype(img, cap)
-        return self.similarity(img, img_lens, cap, cap_lens)
+        return self.similarity(img, img_lens, cap, cap_lens).float()
 
     # --- training ---------------------------------------------------------------------------
 
@@ -303,6 +311,7 @@ class ITMModule(pl.LightningModule):
                 e["cap_lens"],
                 self.eval_max_block_mb,
                 progress=progress,
+                precision=self.eval_precision,
             )
         metric.update(sims, rows)
         results = {k: float(v) for k, v in metric.compute().items()}

@@ -89,6 +89,8 @@ class Similarity(nn.Module):
         cap_lens: Tensor,
         max_block_mb: float = 256,
         progress: Callable[[int], None] | None = None,
+        precision: str = "fp32",
+        exact_top: int = engine.BF16_EXACT_TOP,
     ) -> Tensor:
         """The full ``[n_images, n_captions]`` score matrix, computed block by block under the
         memory budget ``max_block_mb`` (:func:`itm.models.align.engine.score_matrix`); equal
@@ -96,6 +98,10 @@ class Similarity(nn.Module):
 
         Args:
             progress: optional callback receiving the number of pairs scored by each block.
+            precision: ``fp32`` (exact; the default) or ``bf16`` (the large products in
+                bfloat16; heads that cannot refuse it).
+            exact_top: bf16: the best pairs of every row and column scored again in float32
+                (:func:`itm.models.align.engine.rescore_top`); 0 turns it off.
         """
         check_inputs(img, img_lens, cap, cap_lens)
         return engine.score_matrix(
@@ -108,4 +114,6 @@ class Similarity(nn.Module):
             max_block_mb,
             progress,
             self.max_caption_block,
+            precision=precision,
+            exact_top=exact_top,
         )

@@ -2,7 +2,7 @@
  *
  * Built at first use by itm/models/align/fused.py (gcc -O3 -march=native, no -ffast-math) and
  * loaded with ctypes; the Python side splits the context sets over threads (ctypes releases
- * the GIL). It computes exactly what itm.models.align.base.attend_cosine computes with ~10
+ * the GIL). It computes exactly what itm.models.align.engine.attend_cosine computes with ~10
  * tensor passes, but per context set and 16 query sets at a time, so the score tile is read
  * from memory once and everything after it stays in registers / L1:
  *
@@ -17,7 +17,7 @@
  * Vectorised with GCC / clang vector extensions (16 lanes = 16 query sets), so it compiles to
  * AVX-512, AVX2 or NEON alike.
  *
- * Steps (methods.md sections 2-3): clipped l2 norm of the scores across each query set
+ * Steps (docs/attention.md, docs/scan.md): clipped l2 norm of the scores across each query set
  * (leaky_relu slope 0.1, or slope 1 for plain l2norm), times lambda, exp (no max shift: the
  * normed scores lie in [-1, 1]), padded context items weight 0; Z = sum w, dot = sum w s,
  * att = w^T G w (symmetric G: the lower triangle, doubled); cos = (dot / Z) /
@@ -153,6 +153,19 @@ static inline __attribute__((always_inline)) void tile(
     }
 }
 
+/* One context set: pass 1 (norms) then pass 2 (tiles of VW query sets). */
+static void context_set(const float *restrict sc, int64_t kc, int64_t lq, int64_t bq,
+                        int64_t bqp, const float *restrict g, const uint8_t *restrict cm,
+                        const float *restrict qsq, float slope, float lambda,
+                        float *restrict inv, float *restrict oc, vf *restrict a) {
+    norms(sc, kc, lq, bq, bqp, cm, slope, lambda, inv);
+    int64_t j0 = 0;
+    for (; j0 + VW <= bq; j0 += VW)
+        tile(sc, kc, lq, bq, bqp, g, cm, qsq, slope, inv, oc, j0, VW, a);
+    if (j0 < bq)  /* the tail: fewer lanes, the others computed on zeros and dropped */
+        tile(sc, kc, lq, bq, bqp, g, cm, qsq, slope, inv, oc, j0, (int)(bq - j0), a);
+}
+
 /* Context sets c0 .. c1 - 1 of a block (one thread's share). Returns 0, or -1 when a work
  * buffer cannot be had (the caller then falls back to the tensor kernel). */
 int itm_attend_f32(const float *s, int64_t kc, int64_t lq, int64_t bq, const float *gram,
@@ -166,19 +179,41 @@ int itm_attend_f32(const float *s, int64_t kc, int64_t lq, int64_t bq, const flo
         free(a);
         return -1;
     }
+    for (int64_t c = c0; c < c1; c++)
+        context_set(s + c * kc * lq * bq, kc, lq, bq, bqp, gram + c * gram_stride, cmask + c * kc,
+                    qsq, slope, lambda, inv, out + c * lq * bq, a);
+    free(inv);
+    free(a);
+    return 0;
+}
+
+/* The same for bfloat16 scores (the block's product in bf16, eval.precision=bf16): each
+ * context set's slab is widened to float32 into a buffer that stays in cache (a bf16 value is
+ * the high half of its float32), then scored exactly as above. */
+int itm_attend_bf16(const uint16_t *s, int64_t kc, int64_t lq, int64_t bq, const float *gram,
+                    int64_t gram_stride, const uint8_t *cmask, const float *qsq, float slope,
+                    float lambda, float *out, int64_t c0, int64_t c1) {
+    const int64_t bqp = (bq + VW - 1) / VW * VW, slab = kc * lq * bq;
+    float *inv = aligned_alloc(64, sizeof(float) * (size_t)(kc * bqp));
+    vf *a = aligned_alloc(64, sizeof(vf) * (size_t)kc);
+    float *wide = aligned_alloc(64, (sizeof(float) * (size_t)slab + 63) / 64 * 64);
+    if (inv == NULL || a == NULL || wide == NULL) {
+        free(inv);
+        free(a);
+        free(wide);
+        return -1;
+    }
     for (int64_t c = c0; c < c1; c++) {
-        const float *sc = s + c * kc * lq * bq;
-        const float *g = gram + c * gram_stride;
-        const uint8_t *cm = cmask + c * kc;
-        float *oc = out + c * lq * bq;
-        norms(sc, kc, lq, bq, bqp, cm, slope, lambda, inv);
-        int64_t j0 = 0;
-        for (; j0 + VW <= bq; j0 += VW)
-            tile(sc, kc, lq, bq, bqp, g, cm, qsq, slope, inv, oc, j0, VW, a);
-        if (j0 < bq)  /* the tail: fewer lanes, the others computed on zeros and dropped */
-            tile(sc, kc, lq, bq, bqp, g, cm, qsq, slope, inv, oc, j0, (int)(bq - j0), a);
+        const uint16_t *sb = s + c * slab;
+        for (int64_t i = 0; i < slab; i++) {
+            const uint32_t bits = (uint32_t)sb[i] << 16;
+            memcpy(wide + i, &bits, sizeof bits);  /* no type punning through pointers */
+        }
+        context_set(wide, kc, lq, bq, bqp, gram + c * gram_stride,
+                    cmask + c * kc, qsq, slope, lambda, inv, out + c * lq * bq, a);
     }
     free(inv);
     free(a);
+    free(wide);
     return 0;
 }

@@ -56,13 +56,17 @@ class Block:
         cache: this block's rows of ``prepare_images`` (images) or the caption block's
             ``prepare_captions`` output (captions).
         key: names the block's items: the image row span ``(i0, i1)`` for images, the first
-            sorted caption position for captions; equal keys mean equal inputs.
+            sorted caption position for captions; within one run of the engine (one
+            workspace), equal keys mean equal inputs.
+        lowp: with ``precision="bf16"`` scoring, ``emb`` in bfloat16 (padded slots zero) for
+            the head's large products; None in float32 scoring.
     """
 
     emb: Tensor
     mask: Tensor
     cache: Mapping[str, Tensor]
     key: Hashable
+    lowp: Tensor | None = None
 
 
 class AlignHead(nn.Module):
@@ -81,6 +85,12 @@ class AlignHead(nn.Module):
     fixed_pooling: ClassVar[tuple[type, ...]] = ()
     #: ``fixed`` heads: the aggregation in words, for the refusal message
     fixed_pooling_name: ClassVar[str] = ""
+    #: whether ``score_block`` implements ``precision="bf16"`` scoring (its large products in
+    #: bfloat16 from :attr:`Block.lowp`, everything after them in float32); the engine refuses
+    #: bf16 scoring for a head without it
+    supports_bf16: ClassVar[bool] = False
+    #: why a head without bf16 support refuses it (appended to the refusal message)
+    bf16_refusal: ClassVar[str] = "it implements float32 scoring only"
 
     def forward(
         self, img: Tensor, img_mask: Tensor, cap: Tensor, cap_mask: Tensor, pooling: nn.Module

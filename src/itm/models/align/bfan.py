@@ -151,6 +151,7 @@ class BFAN(AlignHead):
     pooling_role = "fixed"
     fixed_pooling = (AvgPool,)
     fixed_pooling_name = "the mean (pooling=avg)"
+    supports_bf16 = True  # SCAN's kernel path (its product in bfloat16)
 
     def __init__(
         self, focal: str = "equal", lambda_softmax: float = 20.0, direction: str = "both"

@@ -32,6 +32,8 @@ class CHAN(AlignHead):
         direction: ``t2i`` (default) | ``i2t``.
     """
 
+    supports_bf16 = True  # the block's product in bfloat16
+
     def __init__(self, direction: str = "t2i") -> None:
         super().__init__()
         self.direction = check_direction(direction, ("t2i", "i2t"))
@@ -86,11 +88,16 @@ class CHAN(AlignHead):
         """Inference path: one matrix product into a reused buffer (context items on axis 1,
         the other modality item-major; for t2i only the valid words), padded context rows set
         to -inf in place, a max over axis 1, then pooling of the ``[B1, B2, *]`` fragment
-        maxima."""
-        img, img_mask = images.emb, images.mask
-        cap, cap_mask, cap_cache = captions.emb, captions.mask, captions.cache
+        maxima. bf16 scoring: the product in bfloat16, the maxima widened to float32."""
+        lowp = images.lowp is not None and captions.lowp is not None
+        img = images.lowp if lowp else images.emb
+        cap = captions.lowp if lowp else captions.emb
+        img_mask, cap_mask, cap_cache = images.mask, captions.mask, captions.cache
         if self.direction == "t2i":
-            s = block_scores(ws, "s", img, cap_cache["t"][:, None])  # [B1, K, n_valid]
+            words = cap_cache["t"]
+            if lowp:  # once per caption block
+                words = ws.memo("t_lp", captions.key, lambda: cap_cache["t"].to(torch.bfloat16))
+            s = block_scores(ws, "s", img, words[:, None])  # [B1, K, n_valid]
             ctx_mask, n_sets, pool_mask = img_mask, cap.shape[0], cap_mask[None]
         else:
             # [K, B1, d], once per image block
@@ -102,6 +109,8 @@ class CHAN(AlignHead):
         if pad is not None:
             s.view(bc * kc, n).index_fill_(0, pad, float("-inf"))
         best = torch.amax(s, dim=1)  # [Bc, n]
+        if best.dtype == torch.bfloat16:  # bf16 scoring: pool in float32
+            best = best.float()
         cols = cap_cache.get("cols")
         if cols is not None:  # back to the padded word-major layout (padded words: 0)
             full = best.new_zeros(bc, cap.shape[0] * cap.shape[1])

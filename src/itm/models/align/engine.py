@@ -29,7 +29,9 @@ if TYPE_CHECKING:
     from itm.models.align.base import AlignHead
 
 __all__ = [
+    "BF16_EXACT_TOP",
     "CHUNK_BYTES",
+    "PRECISIONS",
     "FAST_MAX_LAMBDA",
     "MAX_CAPTION_BLOCK",
     "SelectHook",
@@ -40,12 +42,19 @@ __all__ = [
     "context_gram",
     "fast_softmax_ok",
     "invalid_rows",
+    "rescore_top",
     "score_matrix",
     "soft_attention_scores",
 ]
 
 #: captions per block (CPU favours 64-128; larger blocks only grow the workspace)
 MAX_CAPTION_BLOCK = 128
+#: scoring precisions: ``fp32`` (exact, the default) or ``bf16`` (the large products in
+#: bfloat16 with float32 accumulation; attention normalisation, softmax, pooling in float32)
+PRECISIONS = ("fp32", "bf16")
+#: bf16 scoring: the best pairs of every image's row and every caption's column scored again in
+#: float32 (:func:`rescore_top`)
+BF16_EXACT_TOP = 32
 #: Post-GEMM work runs over chunks of context sets whose score tile is about this size, so the
 #: ~10 elementwise passes stay in cache (the block's single matrix product is not chunked).
 CHUNK_BYTES = 16 * 2**20
@@ -229,12 +238,26 @@ def attend_cosine(
 def block_scores(ws: Workspace, name: str, ctx: Tensor, query_t: Tensor) -> Tensor:
     """Raw scores of every context item against every query item, ONE matrix product:
     ``ctx [Bc, Kc, d]``, ``query_t [Lq, Bq, d]`` (item-major) -> ``[Bc, Kc, Lq * Bq]`` (a
-    workspace view)."""
+    workspace view). bfloat16 inputs (bf16 scoring) give float32 scores on a GPU (tensor
+    cores, float32 output) and bfloat16 scores on the CPU (oneDNN accumulates in float32 and
+    rounds the output; the kernels widen it)."""
     bc, kc, d = ctx.shape
     lq, bq, _ = query_t.shape
+    a, b = ctx.reshape(bc * kc, d), query_t.reshape(lq * bq, d).T
+    if ctx.dtype == torch.bfloat16 and ctx.device.type != "cpu":
+        return torch.mm(a, b, out_dtype=torch.float32).view(bc, kc, lq * bq)
     out = ws.get(name, (bc * kc, lq * bq), ctx)
-    torch.mm(ctx.reshape(bc * kc, d), query_t.reshape(lq * bq, d).T, out=out)
+    torch.mm(a, b, out=out)
     return out.view(bc, kc, lq * bq)
+
+
+def widened(ws: Workspace, s: Tensor) -> Tensor:
+    """``s`` as float32 (bf16 scores of the CPU widened into a workspace buffer; others as
+    they are)."""
+    if s.dtype != torch.bfloat16:
+        return s
+    out = ws.get("s_wide", s.shape, s.new_empty((), dtype=torch.float32))
+    return out.copy_(s)
 
 
 def context_chunks(bc: int, kc: int, n: int, elem_size: int) -> tuple[range, int]:
@@ -257,8 +280,9 @@ def soft_attention_scores(
 ) -> Tensor:
     """Per-query cosines of a whole block, chunked over context sets: ``[Bc, Lq, Bq]``.
 
-    ``s [Bc, Kc, Lq*Bq]`` raw scores (query items item-major, see :func:`attend_cosine`),
-    ``ctx_mask [Bc, Kc]``, ``ctx`` = :func:`context_gram` of the context sets,
+    ``s [Bc, Kc, Lq*Bq]`` raw scores (query items item-major, see :func:`attend_cosine`; float32,
+    or bfloat16 from bf16 scoring), ``ctx_mask [Bc, Kc]``, ``ctx`` = :func:`context_gram` of the
+    context sets,
     ``query_sq [Lq, Bq]`` squared query norms. Without a ``select`` hook, float32 CPU blocks
     take the fused C kernel (``fused.py``) when it is available.
     """
@@ -269,6 +293,7 @@ def soft_attention_scores(
 
         out = attend_cosine_fused(s, n_query_sets, gram1, ctx_mask, query_sq, kind, lambda_softmax)
     if out is None:
+        s = widened(ws, s)
         bc, kc, n = s.shape
         out = s.new_empty(bc, n // n_query_sets, n_query_sets)
         starts, step = context_chunks(bc, kc, n, s.element_size())
@@ -329,6 +354,8 @@ def score_matrix(
     progress: Callable[[int], None] | None = None,
     max_caption_block: int = MAX_CAPTION_BLOCK,
     workspace: Workspace | None = None,
+    precision: str = "fp32",
+    exact_top: int = BF16_EXACT_TOP,
 ) -> Tensor:
     """The full ``[n_images, n_captions]`` score matrix of ``head``, block by block.
 
@@ -345,7 +372,101 @@ def score_matrix(
     Args:
         progress: optional callback receiving the number of pairs scored by each block.
         workspace: the buffers to use (a fresh :class:`Workspace` by default).
+        precision: ``fp32`` (exact) or ``bf16``: the head's large products in bfloat16 from
+            :attr:`~itm.models.align.base.Block.lowp` (float32 accumulation), everything else
+            in float32; a head without ``supports_bf16`` is refused. The images are cast once
+            (a bfloat16 copy of the inputs, half their size), each caption block once.
+        exact_top: bf16 only: the ``exact_top`` best captions of every image and best images
+            of every caption (by the bf16 scores) are scored again in float32
+            (:func:`rescore_top`), so the order that R@1/5/10 read is the float32 order unless
+            a pair's bf16 error exceeds the gap to the ``exact_top``-th score; 0 turns it off.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    lowp = precision == "bf16"
+    if lowp:
+        check_bf16(head)
+    if lowp and img.dtype != torch.float32:
+        img, cap = img.float(), cap.float()
+    args = (head, pooling, img, img_lens, cap, cap_lens, max_block_mb)
+    ws = Workspace() if workspace is None else workspace
+    out = _score_blocks(*args, progress, max_caption_block, ws, lowp)
+    if lowp and exact_top > 0:
+        ws.clear()
+        rescore_top(*args, out, exact_top)
+    return out
+
+
+def check_bf16(head: AlignHead) -> None:
+    """Refuse bf16 scoring for a head without ``supports_bf16``, with the head's reason."""
+    if not head.supports_bf16:
+        raise ValueError(
+            f"{type(head).__name__} does not support bf16 scoring (eval.precision=bf16): "
+            f"{head.bf16_refusal}; use precision fp32"
+        )
+
+
+def rescore_top(
+    head: AlignHead,
+    pooling: nn.Module | None,
+    img: Tensor,
+    img_lens: Tensor,
+    cap: Tensor,
+    cap_lens: Tensor,
+    max_block_mb: float,
+    sims: Tensor,
+    top: int,
+) -> Tensor:
+    """Score again, in float32 and in place in ``sims``, every pair among the ``top`` highest of
+    its image's row or of its caption's column: ``(n_images + n_captions) * top`` pairs at most
+    (about ``top`` per image and per caption: ~1 % of Flickr30K's 5M pairs at ``top = 32``),
+    one image at a time against its candidate captions."""
+    n_img, n_cap = sims.shape
+    m_row, m_col = min(top, n_cap), min(top, n_img)
+    rows = sims.topk(m_row, dim=1).indices  # [n_img, m_row] best captions of each image
+    cols = sims.topk(m_col, dim=0).indices  # [m_col, n_cap] best images of each caption
+    img_idx = torch.cat([torch.arange(n_img).repeat_interleave(m_row), cols.reshape(-1).cpu()])
+    cap_idx = torch.cat([rows.reshape(-1).cpu(), torch.arange(n_cap).repeat(m_col)])
+    pairs = torch.unique(img_idx * n_cap + cap_idx)  # sorted: grouped by image
+    img_idx, cap_idx = pairs // n_cap, pairs % n_cap
+    counts = torch.bincount(img_idx, minlength=n_img).tolist()
+    start = 0
+    for i, count in enumerate(counts):
+        if count == 0:
+            continue
+        idx = cap_idx[start : start + count].to(sims.device)
+        start += count
+        exact = _score_blocks(
+            head,
+            pooling,
+            img[i : i + 1],
+            img_lens[i : i + 1],
+            cap[idx],
+            cap_lens[idx],
+            max_block_mb,
+            None,
+            MAX_CAPTION_BLOCK,
+            Workspace(),  # block keys are unique within one run of blocks, not across runs
+            False,
+        )
+        sims[i, idx] = exact[0].to(sims.dtype)
+    return sims
+
+
+def _score_blocks(
+    head: AlignHead,
+    pooling: nn.Module | None,
+    img: Tensor,
+    img_lens: Tensor,
+    cap: Tensor,
+    cap_lens: Tensor,
+    max_block_mb: float,
+    progress: Callable[[int], None] | None,
+    max_caption_block: int,
+    ws: Workspace,
+    lowp: bool,
+) -> Tensor:
+    """The block loop of :func:`score_matrix` (``lowp``: bf16 products)."""
     from itm.models.align.base import Block
 
     n_img, n_cap = img.shape[0], cap.shape[0]
@@ -363,7 +484,7 @@ def score_matrix(
         head.prepare_images(*_zero_pad(img[i : i + 1024], img_mask[i : i + 1024]))
         for i in range(0, n_img, 1024)
     )
-    ws = Workspace() if workspace is None else workspace
+    img_lp = _zero_pad(img, img_mask)[0].to(torch.bfloat16) if lowp else None
     start = n_cap_blocks = 0
     while start < n_cap:
         n_words = int(sorted_lens[start])  # longest caption of this block (sorted)
@@ -373,7 +494,13 @@ def score_matrix(
         idx = order[start : start + b2]
         cap_mask = lengths_to_mask(cap_lens[idx], n_words)
         cap_emb, _ = _zero_pad(torch.index_select(cap[:, :n_words], 0, idx), cap_mask, True)
-        captions = Block(cap_emb, cap_mask, head.prepare_captions(cap_emb, cap_mask), start)
+        captions = Block(
+            cap_emb,
+            cap_mask,
+            head.prepare_captions(cap_emb, cap_mask),
+            start,
+            cap_emb.to(torch.bfloat16) if lowp else None,
+        )
         starts = range(0, n_img, b1)
         n_cap_blocks += 1
         for i0 in starts if n_cap_blocks % 2 else reversed(starts):
@@ -381,7 +508,13 @@ def score_matrix(
             img_emb, mask = img[i0:i1], img_mask[i0:i1]
             if img_padded:
                 img_emb, _ = _zero_pad(img_emb, mask)
-            images = Block(img_emb, mask, {k: v[i0:i1] for k, v in img_cache.items()}, (i0, i1))
+            images = Block(
+                img_emb,
+                mask,
+                {k: v[i0:i1] for k, v in img_cache.items()},
+                (i0, i1),
+                None if img_lp is None else img_lp[i0:i1],
+            )
             scores = head.score_block(images, captions, pooling, ws)
             out[i0:i1, idx] = scores.to(out.dtype)
             if progress is not None:

@@ -125,11 +125,11 @@ def load() -> ctypes.CDLL | None:
             return _lib
         try:
             lib = ctypes.CDLL(str(build()))
-            fn = lib.itm_attend_f32
             i64, fp = ctypes.c_int64, ctypes.c_void_p
-            fn.argtypes = [fp, i64, i64, i64, fp, i64, fp, fp, ctypes.c_float]
-            fn.argtypes += [ctypes.c_float, fp, i64, i64]
-            fn.restype = ctypes.c_int
+            for fn in (lib.itm_attend_f32, lib.itm_attend_bf16):
+                fn.argtypes = [fp, i64, i64, i64, fp, i64, fp, fp, ctypes.c_float]
+                fn.argtypes += [ctypes.c_float, fp, i64, i64]
+                fn.restype = ctypes.c_int
             _lib = lib
         except (OSError, RuntimeError, subprocess.SubprocessError) as err:
             _failed = str(err)
@@ -159,8 +159,9 @@ def _executor(n: int) -> ThreadPoolExecutor:
 
 
 def usable(s: Tensor) -> bool:
-    """Whether the fused kernel may score ``s`` (float32 on the CPU, not disabled)."""
-    return s.dtype == torch.float32 and s.device.type == "cpu" and enabled()
+    """Whether the fused kernel may score ``s`` (float32 or bfloat16 on the CPU, not
+    disabled)."""
+    return s.dtype in (torch.float32, torch.bfloat16) and s.device.type == "cpu" and enabled()
 
 
 def attend_cosine_fused(
@@ -176,7 +177,8 @@ def attend_cosine_fused(
     ``[Bc, Bq, Lq]`` tensor (ready to pool over items), or None (use the tensor path).
 
     Same contract as :func:`itm.models.align.engine.attend_cosine` without a ``select`` hook:
-    ``s [Bc, Kc, Lq*Bq]`` raw scores (query items item-major; padded queries zero),
+    ``s [Bc, Kc, Lq*Bq]`` raw scores, float32 or bfloat16 (query items item-major; padded
+    queries zero; the result is float32 either way),
     ``ctx_gram [Bc, >=Kc, Kc]`` context Gram matrices (extra rows such as
     :func:`~itm.models.align.engine.context_gram`'s ones row are ignored), ``ctx_mask [Bc, Kc]``
     bool, ``query_sq [Lq, Bq]``, ``kind`` ``clipped_l2norm`` or ``l2norm``.
@@ -195,18 +197,19 @@ def attend_cosine_fused(
         gram = gram.contiguous()
     mask = ctx_mask.to(torch.uint8).contiguous()
     qsq = query_sq.to(torch.float32).contiguous()
-    out = s.new_empty(bc, bq, lq)
+    out = torch.empty(bc, bq, lq, dtype=torch.float32)
+    kernel = lib.itm_attend_f32 if s.dtype == torch.float32 else lib.itm_attend_bf16
     slope = 0.1 if kind == "clipped_l2norm" else 1.0
     args = (s.data_ptr(), kc, lq, bq, gram.data_ptr(), gram.stride(0), mask.data_ptr())
     args += (qsq.data_ptr(), slope, float(lambda_softmax), out.data_ptr())
     n_threads = max(1, min(torch.get_num_threads(), bc))
     if n_threads == 1:
-        status = [lib.itm_attend_f32(*args, 0, bc)]
+        status = [kernel(*args, 0, bc)]
     else:
         bounds = [bc * i // n_threads for i in range(n_threads + 1)]
         status = list(
             _executor(n_threads).map(
-                lambda i: lib.itm_attend_f32(*args, bounds[i], bounds[i + 1]), range(n_threads)
+                lambda i: kernel(*args, bounds[i], bounds[i + 1]), range(n_threads)
             )
         )
     return out.transpose(1, 2) if all(st == 0 for st in status) else None

@@ -36,6 +36,8 @@ __all__ = ["SCAN", "caption_cache", "image_cache", "scan_block"]
 class SCAN(AlignHead):
     """Soft attention between regions and words, cosine per fragment, pooled.
 
+    Supports bf16 scoring (``supports_bf16``): the block's region-word product in bfloat16.
+
     ``t2i``: every word attends to the regions of an image, score ``R_w = cos(e_w, att_w)``,
     pooled over the caption's valid words. ``i2t``: every region attends to the words, pooled
     over the image's valid regions. ``both`` adds the two pooled scores.
@@ -47,6 +49,8 @@ class SCAN(AlignHead):
             ``clipped_l2norm`` (default, the code's), ``l2norm``, ``softmax``, ``clipped``,
             ``no_norm``.
     """
+
+    supports_bf16 = True
 
     def __init__(
         self,
@@ -168,13 +172,24 @@ def scan_block(
 
     t2i: ``s [B1, K, L*B2]`` (images = context, words item-major); i2t: ``[B2, L, K*B1]``
     (captions = context), so that in both directions the softmax runs over axis 1 and the
-    Gram product is one batched matrix product.
+    Gram product is one batched matrix product. In bf16 scoring the products take the blocks'
+    bfloat16 embeddings (:attr:`~itm.models.align.base.Block.lowp`); the Gram matrices and
+    norms stay float32.
     """
-    img, img_mask, cap_mask = images.emb, images.mask, captions.mask
-    b1, b2 = img.shape[0], captions.emb.shape[0]
+    img_mask, cap_mask = images.mask, captions.mask
+    lowp = images.lowp is not None and captions.lowp is not None
+    img = images.lowp if lowp else images.emb
+    cap = captions.lowp if lowp else captions.emb
+    b1, b2 = img.shape[0], cap.shape[0]
     out = None
     if direction in ("t2i", "both"):
-        s = block_scores(ws, "s", img, captions.cache["t"])
+        # the words word-major, [L, B2, d] (float32: prepared once per caption block)
+        cap_t = (
+            ws.memo("cap_t", captions.key, lambda: cap.transpose(0, 1).contiguous())
+            if lowp
+            else captions.cache["t"]
+        )
+        s = block_scores(ws, "s", img, cap_t)
         words = soft_attention_scores(
             ws, s, img_mask, images.cache, captions.cache["sq_t"], b2, kind, lambda_softmax, select
         )  # [B1, L, B2]
@@ -182,7 +197,7 @@ def scan_block(
     if direction in ("i2t", "both"):
         # [K, B1, d], once per image block (the engine scores every caption block against it)
         img_t = ws.memo("img_t", images.key, lambda: img.transpose(0, 1).contiguous())
-        s = block_scores(ws, "s", captions.emb, img_t)
+        s = block_scores(ws, "s", cap, img_t)
         ctx = {"gram1": captions.cache["ctx_gram1"], "gram_scale": captions.cache["ctx_gram_scale"]}
         regions = soft_attention_scores(
             ws, s, cap_mask, ctx, images.cache["sq"].T, b1, kind, lambda_softmax, select
