@@ -113,6 +113,10 @@ def build_data(
         from itm.data.tokenizers import BertCaptionTokenizer
 
         dm.tokenizer = BertCaptionTokenizer(text["path"])
+    if hasattr(dm, "image_inputs"):  # per-region inputs the image encoder reads (PFAN)
+        from itm.models.encoders import declared_inputs
+
+        dm.image_inputs = declared_inputs(model_cfg.get("image_encoder", {}))
     if cfg.eval.get("batch_size"):
         dm.eval_batch_size = int(cfg.eval.batch_size)
     return dm
@@ -130,7 +134,8 @@ def encode_split(model, dm, split: str) -> dict[str, torch.Tensor]:
     img_loader, cap_loader = dm.eval_dataloaders(split)
     imgs, img_lens, caps, cap_lens, cap_img = [], [], [], [], []
     for b in img_loader:
-        emb, lens = model.encode_images(b["images"].to(device), b["img_lens"].to(device))
+        extra = {k: v.to(device) for k, v in model.image_inputs(b).items()}
+        emb, lens = model.encode_images(b["images"].to(device), b["img_lens"].to(device), **extra)
         imgs.append(emb)
         img_lens.append(lens)
     for b in cap_loader:

@@ -27,6 +27,10 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
         from itm.data.tokenizers import BertCaptionTokenizer
 
         dm.tokenizer = BertCaptionTokenizer(text_cfg.path)
+    if hasattr(dm, "image_inputs"):  # per-region inputs the image encoder reads (PFAN)
+        from itm.models.encoders import declared_inputs
+
+        dm.image_inputs = declared_inputs(cfg.model.image_encoder)
     with open_dict(cfg):
         if "vocab_size" in cfg.model.text_encoder and hasattr(dm, "vocab_size"):
             cfg.model.text_encoder.vocab_size = dm.vocab_size

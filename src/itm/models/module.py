@@ -105,10 +105,26 @@ class ITMModule(pl.LightningModule):
         """Encoders return ``emb`` or ``(emb, new_lengths)`` (size augmentation in training)."""
         return out if isinstance(out, tuple) else (out, lengths)
 
-    def encode_images(self, images: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        """``images [B, K, img_dim]`` -> (``[B, K', d]``, lengths ``[B]``)."""
+    def image_inputs(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The batch fields the image encoder declares in ``extra_inputs`` (PFAN:
+        ``positions``), as keyword arguments of :meth:`encode_images`."""
+        names = getattr(self.image_encoder, "extra_inputs", ())
+        missing = [n for n in names if n not in batch]
+        if missing:
+            raise ValueError(
+                f"the image encoder {type(self.image_encoder).__name__} needs the batch "
+                f"field(s) {missing}, which the data did not serve (set the datamodule's "
+                f"image_inputs to {tuple(names)}; train.py and eval.py do it)"
+            )
+        return {n: batch[n] for n in names}
+
+    def encode_images(
+        self, images: Tensor, lengths: Tensor, **extra: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``images [B, K, img_dim]`` (+ the encoder's ``extra_inputs``, e.g. ``positions
+        [B, K, W]``) -> (``[B, K', d]``, lengths ``[B]``)."""
         check_lengths("img_lens", lengths, images, "regions")
-        return self._unpack(self.image_encoder(images, lengths), lengths)
+        return self._unpack(self.image_encoder(images, lengths, **extra), lengths)
 
     def encode_captions(self, tokens: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """``tokens [B, L]`` -> (``[B, L', d]``, lengths ``[B]``)."""
@@ -117,7 +133,9 @@ class ITMModule(pl.LightningModule):
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         """Scores ``[B, B]`` of a training batch (image i with caption j)."""
-        img, img_lens = self.encode_images(batch["images"], batch["img_lens"])
+        img, img_lens = self.encode_images(
+            batch["images"], batch["img_lens"], **self.image_inputs(batch)
+        )
         cap, cap_lens = self.encode_captions(batch["captions"], batch["cap_lens"])
         img, cap = same_dtype(img, cap)
         return self.similarity(img, img_lens, cap, cap_lens)
@@ -152,7 +170,9 @@ class ITMModule(pl.LightningModule):
         all images x local captions, embeddings gathered with gradients (itm.models.gather)."""
         from itm.models.gather import gathered_contrastive_loss
 
-        img, img_lens = self.encode_images(batch["images"], batch["img_lens"])
+        img, img_lens = self.encode_images(
+            batch["images"], batch["img_lens"], **self.image_inputs(batch)
+        )
         cap, cap_lens = self.encode_captions(batch["captions"], batch["cap_lens"])
         loss, _ = gathered_contrastive_loss(
             self.similarity,
@@ -239,7 +259,9 @@ class ITMModule(pl.LightningModule):
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0):
         if "images" in batch:
-            emb, lens = self.encode_images(batch["images"], batch["img_lens"])
+            emb, lens = self.encode_images(
+                batch["images"], batch["img_lens"], **self.image_inputs(batch)
+            )
             self._eval_buffers["img"].append((batch["img_ids"], emb, lens))
         else:
             emb, lens = self.encode_captions(batch["captions"], batch["cap_lens"])
