@@ -78,7 +78,8 @@ class ITMModule(pl.LightningModule):
             nodes), ``optimizer`` (a ``_partial_`` optimizer node), ``scheduler`` (a
             ``_partial_`` lr scheduler node or null), ``warmup_epochs`` (epochs of
             sum-over-negatives loss before hardest negatives), ``eval_max_block_mb`` (memory
-            budget of block-wise scoring).
+            budget of block-wise scoring), ``eval_rerank`` (null, or an ``eval.rerank`` node:
+            MTFN re-ranked figures logged beside the plain ones as ``<split>/rr_*``).
     """
 
     def __init__(self, cfg: Mapping | DictConfig) -> None:
@@ -252,6 +253,19 @@ class ITMModule(pl.LightningModule):
 
     # --- evaluation -------------------------------------------------------------------------
 
+    def setup(self, stage: str) -> None:
+        """Check ``eval_rerank`` before any training (a bad node fails now, not after an
+        epoch)."""
+        self._rerank_spec()
+
+    def _rerank_spec(self):
+        """The MTFN re-ranking of validation / test (``cfg.eval_rerank``), or ``None``."""
+        if not hasattr(self, "_rerank"):
+            from itm.metrics import RerankSpec
+
+            self._rerank = RerankSpec.from_config(self.cfg.get("eval_rerank"))
+        return self._rerank
+
     def on_validation_epoch_start(self) -> None:
         self._eval_buffers = {"img": [], "cap": []}
 
@@ -311,7 +325,9 @@ class ITMModule(pl.LightningModule):
         for key in ("img", "cap"):
             if e[key].dtype in (torch.float16, torch.bfloat16):
                 e[key] = e[key].float()
-        metric = RetrievalRecall(cap_to_img=e["cap_to_img"].cpu()).to(self.device)
+        # with eval_rerank the metric also re-ranks the matrix it gathers (once, in full)
+        metric = RetrievalRecall(cap_to_img=e["cap_to_img"].cpu(), rerank=self._rerank_spec())
+        metric = metric.to(self.device)
         rank, world = self.global_rank, self.trainer.world_size if self.trainer else 1
         rows = torch.arange(rank, e["img"].shape[0], world, device=e["img"].device)
         from itm.callbacks import scoring_progress
