@@ -387,3 +387,73 @@ def test_prepare_pfan_positions(tmp_path, capsys):
     assert main(["pfan-positions", str(root), "--splits", "dev"]) == 0
     assert "authors' release" in capsys.readouterr().out
     assert not (root / "dev_positions.npy").exists()
+
+
+# --- SCAN's max_attn_bonus (PFAN's extra t2i term) ----------------------------------------------
+
+
+def _bonus_sim(direction="t2i", bonus=0.5, pooling=None):
+    from itm.models import Similarity
+    from itm.models.align.scan import SCAN
+    from itm.models.pooling import LSEPool
+
+    return Similarity(SCAN(direction, 9.0, "clipped_l2norm", bonus), pooling or LSEPool(6.0))
+
+
+@pytest.mark.parametrize("captions_key", ["captions", "captions_zero_pad"])
+def test_max_attn_bonus_fixture(captions_key):
+    f = load_fixture("pfan_t2i_lse")
+    assert float(f["max_attn_weight"]) == 0.5 and str(f["agg_func"]) == "LogSumExp"
+    img, cap, cl = (torch.as_tensor(f[k]) for k in ("images", captions_key, "cap_lens"))
+    il = torch.full((img.shape[0],), img.shape[1])
+    sim = _bonus_sim()
+    np.testing.assert_allclose(sim(img, il, cap, cl).detach().numpy(), f["sims"], atol=1e-9)
+    # the engine path (block-wise, in place) gives the same matrix, float64 and float32
+    np.testing.assert_allclose(sim.score_matrix(img, il, cap, cl).numpy(), f["sims"], atol=1e-9)
+    s32 = sim.score_matrix(img.float(), il, cap.float(), cl, max_block_mb=0.001)
+    np.testing.assert_allclose(s32.numpy(), f["sims"], rtol=0, atol=1e-5)
+    # the term itself: each word's largest attention weight over the regions
+    from itm.models.align.attention import region_word_scores, t2i_weights
+    from itm.models.functional import lengths_to_mask
+
+    s = region_word_scores(img, cap)
+    alpha = t2i_weights(s, lengths_to_mask(il, 5), lengths_to_mask(cl, 6), "clipped_l2norm", 9.0)
+    peak = alpha.amax(dim=1)  # [img, cap, word]
+    for j, n in enumerate(f["cap_lens"]):
+        np.testing.assert_allclose(peak[:, j, :n].numpy(), f["max_attn"][j, :, :n], atol=1e-9)
+
+
+def test_max_attn_bonus_t2i_part_only_and_pooled_like_the_main_term():
+    from itm.models.pooling import AvgPool
+
+    f = load_fixture("pfan_t2i_lse")
+    img, cap, cl = (torch.as_tensor(f[k]) for k in ("images", "captions", "cap_lens"))
+    il = torch.tensor([5, 3, 4])
+    img = img.clone()
+    img[1, 3:] = 40.0  # garbage in padded regions
+    img[2, 4:] = -9.0
+    for pooling in (None, AvgPool()):
+        plain = _bonus_sim("t2i", 0.0, pooling)(img, il, cap, cl)
+        with_bonus = _bonus_sim("t2i", 0.5, pooling)(img, il, cap, cl)
+        both_plain = _bonus_sim("both", 0.0, pooling)(img, il, cap, cl)
+        both_bonus = _bonus_sim("both", 0.5, pooling)
+        # `both` gains exactly the t2i part's bonus
+        torch.testing.assert_close(both_bonus(img, il, cap, cl) - both_plain, with_bonus - plain)
+        torch.testing.assert_close(
+            both_bonus.score_matrix(img, il, cap, cl), both_bonus(img, il, cap, cl)
+        )
+    # under avg the bonus is the mean peak weight: at most 1, at least 1 / n_regions
+    mean_peak = (_bonus_sim("t2i", 1.0, AvgPool())(img, il, cap, cl) - plain).detach()
+    assert (mean_peak <= 1).all() and (mean_peak >= 1 / il[:, None]).all()
+    i2t = _bonus_sim("i2t", 0.5)(img, il, cap, cl)
+    torch.testing.assert_close(i2t, _bonus_sim("i2t", 0.0)(img, il, cap, cl))
+
+
+def test_max_attn_bonus_gradients_finite():
+    f = load_fixture("pfan_t2i_lse")
+    img = torch.as_tensor(f["images"]).clone().requires_grad_(True)
+    cap = torch.as_tensor(f["captions"]).clone().requires_grad_(True)
+    il = torch.tensor([5, 2, 4])
+    _bonus_sim()(img, il, cap, torch.as_tensor(f["cap_lens"])).sum().backward()
+    assert torch.isfinite(img.grad).all() and torch.isfinite(cap.grad).all()
+    assert (img.grad[1, 2:] == 0).all()  # padded regions get no gradient
