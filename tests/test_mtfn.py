@@ -261,6 +261,7 @@ def test_eval_reranks_ensembles_of_saved_matrices(compose, tmp_path):
 # --- eval.py on a trained checkpoint ------------------------------------------------------------
 
 
+@pytest.mark.slow  # a real (tiny) training run and an eval.py process: ~30 s
 def test_eval_cli_prints_plain_and_reranked_tables(tmp_path):
     import subprocess
     import sys
@@ -269,10 +270,10 @@ def test_eval_cli_prints_plain_and_reranked_tables(tmp_path):
 
     run_train_cli(
         ["debug=fast", "model/image_encoder=pfan", "model.image_encoder.pos_dim=16",
-         "model.align.max_attn_bonus=0.5", "logger=none", "callbacks=none"],
+         "model.align.max_attn_bonus=0.5", "logger=none"],
         tmp_path,
     )  # fmt: skip
-    ckpt = next(tmp_path.glob("train/runs/*/checkpoints/*.ckpt"))
+    ckpt = next(tmp_path.glob("train/runs/*/checkpoints/best.ckpt"))
     out = tmp_path / "eval_out"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "eval.py"), f"ckpt_path={ckpt}", "eval.rerank.method=mtfn",

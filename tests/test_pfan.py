@@ -457,3 +457,38 @@ def test_max_attn_bonus_gradients_finite():
     _bonus_sim()(img, il, cap, torch.as_tensor(f["cap_lens"])).sum().backward()
     assert torch.isfinite(img.grad).all() and torch.isfinite(cap.grad).all()
     assert (img.grad[1, 2:] == 0).all()  # padded regions get no gradient
+
+
+def test_positions_beside_an_h5_store(tmp_path):
+    from itm.data import PrecompDataModule
+    from itm.data.prepare import main
+
+    root = write_precomp(tmp_path / "d")
+    n, k = np.load(root / "train_ims.npy", mmap_mode="r").shape[:2]
+    rows = np.zeros((n, k, 31))
+    rows[..., :15] = 256
+    np.save(root / "train_positions.npy", rows)
+    assert main(["h5", str(root), "--splits", "train"]) == 0
+    store = PrecompDataModule(root, format="h5", splits=["train"], n_train=3).get_split("train")
+    assert store.format == "h5" and store.positions.shape == (3, k, 31)
+
+
+def test_alignment_picture_of_a_pfan_model(compose):
+    from omegaconf import OmegaConf
+
+    from itm.models.module import ITMModule
+    from itm.train import build_datamodule
+    from itm.viz import attention_map
+
+    cfg = compose(
+        ["model/image_encoder=pfan", "model.embed_size=16", "model.image_encoder.pos_dim=8",
+         "model.text_encoder.word_dim=8", "data.n_train=20", "data.n_dev=10", "data.n_test=10"]
+    )  # fmt: skip
+    dm = build_datamodule(cfg)
+    model = ITMModule(OmegaConf.to_container(cfg.model, resolve=True))
+    store = dm.get_split("dev")
+    ids = dm.vocab.encode(store.captions[0])
+    att = attention_map(
+        model, store.images[0], None, ids, None, image_inputs={"positions": store.positions[0]}
+    )
+    assert att.shape == (len(ids), store.images.shape[1]) and np.isfinite(att).all()
