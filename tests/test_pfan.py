@@ -492,3 +492,16 @@ def test_alignment_picture_of_a_pfan_model(compose):
         model, store.images[0], None, ids, None, image_inputs={"positions": store.positions[0]}
     )
     assert att.shape == (len(ids), store.images.shape[1]) and np.isfinite(att).all()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("model.align.max_attn_bonus=0.5", "pooling=avg"),
+        ("model.align.max_attn_bonus=0.5", "model.align.direction=both", "pooling=lse"),
+    ],
+)
+def test_max_attn_bonus_passes_the_head_conformance_checks(overrides):
+    import conformance as C
+
+    C.check_head(C.build_head("scan", overrides=overrides))

@@ -84,6 +84,21 @@ class PFANImageEncoder(nn.Module):
         self.fc_att = nn.Linear(img_dim, pos_dim)
         self.pos_embed = nn.Embedding(grid * grid + 1, pos_dim)  # N(0, 1) init
 
+    def example_inputs(self, lengths: Tensor, n_regions: int, seed: int = 0) -> dict[str, Tensor]:
+        """Keyword inputs for a batch of ``len(lengths)`` images of ``n_regions`` slots (tests,
+        conformance): ``{"positions": [B, K, 2T]}`` with valid rows of random blocks (some
+        padding slots) and normalised weights, and padded regions holding out-of-range garbage
+        that must never be read."""
+        g = torch.Generator().manual_seed(seed)
+        b, t, dtype = len(lengths), self.top_blocks, self.fc.weight.dtype
+        idx = torch.randint(0, self.grid**2 + 1, (b, n_regions, t), generator=g).to(dtype)
+        w = torch.rand(b, n_regions, t, generator=g, dtype=dtype)
+        w = w / w.sum(dim=-1, keepdim=True)
+        pos = torch.cat([idx, w], dim=-1)
+        pad = torch.arange(n_regions)[None, :] >= torch.as_tensor(lengths).cpu()[:, None]
+        pos[pad] = 1e6  # garbage: an index far out of range
+        return {"positions": pos.to(self.fc.weight.device)}
+
     def _valid_rows(
         self, images: Tensor, lengths: Tensor, positions: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
