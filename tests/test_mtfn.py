@@ -289,3 +289,33 @@ def test_eval_cli_prints_plain_and_reranked_tables(tmp_path):
     assert set(res["rerank"]["results"]["f30k"]) >= set(METRIC_KEYS)
     md = (out / "results.md").read_text()
     assert "| f30k |" in md and "| f30k rr ORACLE |" in md
+
+
+@pytest.mark.slow  # two spawned processes: ~35 s
+def test_ddp_reranks_the_gathered_matrix_once(compose):
+    """2 CPU processes (ddp_spawn): every rank scores its slice of image rows, the metric gathers
+    them, and the re-ranked figures equal the single-process ones exactly (a PFAN model, so the
+    per-region positions travel through the distributed loaders too)."""
+    import lightning.pytorch as pl
+    from omegaconf import OmegaConf
+
+    from itm.models.module import ITMModule
+    from itm.train import build_datamodule
+
+    cfg = compose(
+        ["model/image_encoder=pfan", "model.image_encoder.pos_dim=8", "model.embed_size=32",
+         "model.text_encoder.word_dim=16", "data.n_train=30", "data.n_dev=21", "data.n_test=21",
+         "data.eval_batch_size=8", "model.eval_rerank.method=mtfn",
+         "model.eval_rerank.t2i=oracle_groups"]
+    )  # fmt: skip
+    dm = build_datamodule(cfg)
+    torch.manual_seed(0)
+    model = ITMModule(OmegaConf.to_container(cfg.model, resolve=True))
+    kw = {"accelerator": "cpu", "logger": False, "enable_checkpointing": False}
+    kw |= {"enable_progress_bar": False, "enable_model_summary": False}
+    single = pl.Trainer(devices=1, **kw).test(model, datamodule=dm, verbose=False)[0]
+    ddp = pl.Trainer(devices=2, strategy="ddp_spawn", **kw).test(
+        model, datamodule=dm, verbose=False
+    )[0]
+    assert "test/rr_rsum" in single and single["test/rr_oracle"] == 1.0
+    assert single == ddp
