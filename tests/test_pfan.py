@@ -17,7 +17,7 @@ import torch
 from conftest import load_fixture
 from itm.data import SyntheticDataModule, collate_images, pfan_positions
 from itm.data.pfan import classic_argsort
-from itm.data.validation import DataError
+from itm.data.validation import DataError, DataWarning
 from itm.models.encoders import PFANImageEncoder, declared_inputs, drop_region_rows
 from precomp_utils import write_precomp
 
@@ -340,7 +340,10 @@ def test_precomp_released_positions_accepted(tmp_path, caplog):
     from itm.data import PrecompDataModule
 
     dm = PrecompDataModule(root, splits=["train"])
-    with caplog.at_level(logging.WARNING, logger="itm.data.precomp"):
+    with (
+        caplog.at_level(logging.WARNING, logger="itm.data.precomp"),
+        pytest.warns(DataWarning, match="PFAN position rows"),
+    ):
         store = dm.get_split("train")
     assert store.boxes is None and store.positions.shape == (n, k, 30)
     assert "PFAN position rows" in caplog.text and "train_boxes.npy" in caplog.text

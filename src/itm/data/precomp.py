@@ -316,14 +316,14 @@ def open_npy_split(
                 NpyImages(files["boxes"], limit=limit, info=binfo),
                 files["boxes"],
             )
-            log.warning(
-                "%s holds %d columns per region: PFAN position rows (the authors' release), not "
-                "boxes (x1, y1, x2, y2); reading it as positions. Its rows follow the authors' "
-                "image order, which must match %s (match them by ids or captions)",
-                files["boxes"],
-                binfo.shape[2],
-                files["images"].name,
+            msg = (
+                f"{binfo.shape[2]} columns per region: PFAN position rows (the authors' "
+                "release), not boxes (x1, y1, x2, y2); reading it as positions. Its rows follow "
+                f"the authors' image order, which must match {files['images'].name} (match them "
+                "by ids or captions)"
             )
+            warnings.warn(f"{files['boxes']}: {msg}", DataWarning, stacklevel=2)
+            log.warning("%s: %s", files["boxes"], msg)
     if files["positions"].is_file():
         positions, positions_file = (
             open_positions(files["positions"], info.shape[:2], files["images"], limit),
