@@ -151,6 +151,7 @@ class _Example:
     boxes: np.ndarray | None
     highlight: list[int | None] | None
     title: str
+    image_inputs: dict[str, np.ndarray]  # per-region inputs of the image (PFAN positions)
 
 
 class AlignmentImages(Callback):
@@ -202,6 +203,7 @@ class AlignmentImages(Callback):
         tokenizer = getattr(dm, "caption_tokenizer", None) or dm.vocab
         cap_to_img = np.asarray(store.cap_to_img)
         boxes = getattr(store, "boxes", None)
+        inputs = tuple(getattr(dm, "image_inputs", ()))
         for i in range(min(self.n_examples, len(store.images))):
             hits = np.flatnonzero(cap_to_img == i)
             if hits.size == 0:
@@ -220,6 +222,7 @@ class AlignmentImages(Callback):
                     boxes=None if boxes is None else np.asarray(boxes[i]),
                     highlight=_planted_regions(store, i, c, words),
                     title=f"{self.split} image {i}, caption {c}",
+                    image_inputs={n: np.asarray(getattr(store, n)[i]) for n in inputs},
                 )
             )
         return self._examples
@@ -237,7 +240,14 @@ class AlignmentImages(Callback):
 
         pictures, captions = [], []
         for ex in self.examples(trainer):
-            att = attention_map(pl_module, ex.images, ex.img_len, ex.tokens, ex.cap_len)
+            att = attention_map(
+                pl_module,
+                ex.images,
+                ex.img_len,
+                ex.tokens,
+                ex.cap_len,
+                image_inputs=ex.image_inputs,
+            )
             fig = plot_attention(
                 att, ex.words, boxes=ex.boxes, highlight=ex.highlight, title=ex.title
             )

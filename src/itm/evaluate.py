@@ -6,6 +6,7 @@
     python eval.py ckpt_path=a.ckpt eval.save_matrix=true       # also writes sims_0.npy
                                                                 # (ensembles: sims_ensemble.npy)
     python eval.py 'eval.matrices=[run1/sims_0.npy,run2/sims_0.npy]'   # ensemble saved ones
+    python eval.py ckpt_path=... eval.rerank.method=mtfn        # + MTFN re-ranked figures
 
 Each checkpoint is rebuilt from the model config it carries (``hyper_parameters.cfg``, loaded
 with ``weights_only=True``), every image and caption of the split is encoded ONCE, and the full
@@ -14,6 +15,12 @@ The data: ``data=...`` when given, otherwise the data config of the checkpoint's
 (``.hydra/config.yaml`` in a parent folder of the checkpoint). Results (R@1/5/10, medr, meanr per
 direction, rsum; COCO 1K = the 5-fold mean with rsum summed from the averaged recalls) are
 printed and written atomically to ``results.json`` and ``results.md`` in the output folder.
+
+``eval.rerank.method=mtfn`` adds the figures of MTFN's re-ranking of the same (ensembled)
+matrix, re-ranked inside each COCO 1K fold (:mod:`itm.metrics.rerank`): a second table per
+protocol, ``rerank`` in ``results.json``, ``... rr`` rows in ``results.md`` and ``rr_*`` keys in
+the returned dict. With ``eval.rerank.t2i=oracle_groups`` (the released script's t2i variant,
+which reads the test set's ground-truth caption groups) every one of those outputs says ORACLE.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from itm.metrics import PROTOCOLS, ensemble, evaluate_protocol
+from itm.metrics import PROTOCOLS, RerankSpec, ensemble, evaluate_protocol
 from itm.metrics.recall import METRIC_KEYS
 from itm.utils import format_metrics_table
 
@@ -113,6 +120,10 @@ def build_data(
         from itm.data.tokenizers import BertCaptionTokenizer
 
         dm.tokenizer = BertCaptionTokenizer(text["path"])
+    if hasattr(dm, "image_inputs"):  # per-region inputs the image encoder reads (PFAN)
+        from itm.models.encoders import declared_inputs
+
+        dm.image_inputs = declared_inputs(model_cfg.get("image_encoder", {}))
     if cfg.eval.get("batch_size"):
         dm.eval_batch_size = int(cfg.eval.batch_size)
     return dm
@@ -130,7 +141,8 @@ def encode_split(model, dm, split: str) -> dict[str, torch.Tensor]:
     img_loader, cap_loader = dm.eval_dataloaders(split)
     imgs, img_lens, caps, cap_lens, cap_img = [], [], [], [], []
     for b in img_loader:
-        emb, lens = model.encode_images(b["images"].to(device), b["img_lens"].to(device))
+        extra = {k: v.to(device) for k, v in model.image_inputs(b).items()}
+        emb, lens = model.encode_images(b["images"].to(device), b["img_lens"].to(device), **extra)
         imgs.append(emb)
         img_lens.append(lens)
     for b in cap_loader:
@@ -203,13 +215,24 @@ def results_markdown(results: Mapping[str, Any], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _protocol_results(sims: np.ndarray, protocol: str, cfg: DictConfig) -> dict[str, dict]:
-    """``{protocol name: metrics}`` (coco1k+5k gives two entries)."""
+def _protocol_results(
+    sims: np.ndarray, protocol: str, cfg: DictConfig, rerank: RerankSpec | None = None
+) -> dict[str, dict]:
+    """``{protocol name: metrics}`` (coco1k+5k gives two entries); with ``rerank``, the
+    figures of the MTFN-re-ranked orders."""
+    text_sims = rerank.load_text_sims() if rerank is not None else None
+    if text_sims is not None and tuple(text_sims.shape) != (sims.shape[1],) * 2:
+        raise ValueError(
+            f"eval.rerank.text_sims={rerank.text_sims}: shape {tuple(text_sims.shape)}, "
+            f"expected [{sims.shape[1]}, {sims.shape[1]}] (the captions of the split)"
+        )
     out = evaluate_protocol(
         sims,
         protocol,
         int(cfg.eval.captions_per_image),
         fold_images=int(cfg.eval.fold_images),
+        rerank=rerank,
+        text_sims=text_sims,
     )
     if protocol == "coco1k+5k":
         return {"coco1k": out["coco1k"], "coco5k": out["coco5k"]}
@@ -241,6 +264,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     ``eval.save_matrix``, one ``sims_<i>.npy`` per checkpoint to ``eval.output_dir``.
     """
     protocol = resolve_protocol(cfg)
+    rerank = RerankSpec.from_config(cfg.eval.get("rerank"))  # checked before any scoring
     ckpts = _as_list(cfg.get("ckpt_path"))
     saved = _as_list(cfg.eval.get("matrices"))
     if not ckpts and not saved:
@@ -286,6 +310,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     title = "ensemble of " + ", ".join(sources) if len(sources) > 1 else sources[0]
     for name, metrics in results.items():
         print(f"\n{format_metrics_table(metrics, title=name)}", flush=True)
+    reranked = _protocol_results(sims, protocol, cfg, rerank) if rerank is not None else {}
+    rr_tag = "rr ORACLE" if rerank is not None and rerank.oracle else "rr"
+    for name, metrics in reranked.items():
+        print(f"\n{rerank.label}", flush=True)
+        print(format_metrics_table(metrics, title=f"{name} {rr_tag}"), flush=True)
     print(f"({title}; split {split}; {sims.shape[0]} images x {sims.shape[1]} captions)")
     payload = {
         "protocol": protocol,
@@ -294,16 +323,34 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         "shape": list(sims.shape),
         "results": results,
     }
+    if rerank is not None:
+        payload["rerank"] = {
+            "method": "mtfn",
+            "k_i2t": rerank.k_i2t,
+            "k_t2i": rerank.k_t2i,
+            "t2i": rerank.t2i,
+            "text_sims": rerank.text_sims,
+            "oracle": rerank.oracle,
+            "label": rerank.label,
+            "results": reranked,
+        }
     _atomic_write(
         out_dir / "results.json",
         lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2) + "\n"),
     )
     md = {name: m for name, m in results.items()}
-    _atomic_write(
-        out_dir / "results.md", lambda tmp: Path(tmp).write_text(results_markdown(md, title))
-    )
+    md.update({f"{name} {rr_tag}": m for name, m in reranked.items()})
+    md_text = results_markdown(md, title)
+    if rerank is not None:
+        md_text += f"\n{rr_tag} = {rerank.label}\n"
+    _atomic_write(out_dir / "results.md", lambda tmp: Path(tmp).write_text(md_text))
     print(f"results: {out_dir / 'results.json'}, {out_dir / 'results.md'}", flush=True)
-    return {f"{name}/{k}": float(m[k]) for name, m in results.items() for k in METRIC_KEYS}
+    flat = {f"{name}/{k}": float(m[k]) for name, m in results.items() for k in METRIC_KEYS}
+    for name, m in reranked.items():
+        flat.update({f"{name}/rr_{k}": float(m[k]) for k in METRIC_KEYS})
+        if rerank.oracle:
+            flat[f"{name}/rr_oracle"] = 1.0
+    return flat
 
 
 def with_output_dir(cfg: DictConfig, output_dir: str) -> DictConfig:

@@ -27,6 +27,10 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
         from itm.data.tokenizers import BertCaptionTokenizer
 
         dm.tokenizer = BertCaptionTokenizer(text_cfg.path)
+    if hasattr(dm, "image_inputs"):  # per-region inputs the image encoder reads (PFAN)
+        from itm.models.encoders import declared_inputs
+
+        dm.image_inputs = declared_inputs(cfg.model.image_encoder)
     with open_dict(cfg):
         if "vocab_size" in cfg.model.text_encoder and hasattr(dm, "vocab_size"):
             cfg.model.text_encoder.vocab_size = dm.vocab_size
@@ -111,6 +115,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             metrics.update({f"test/{k}": v for k, v in test.items()})
             if trainer.is_global_zero:
                 print("\n" + format_metrics_table(test, title="test") + "\n", flush=True)
+                rr = {k[3:]: v for k, v in test.items() if k.startswith("rr_")}
+                if rr:  # model.eval_rerank: MTFN re-ranked figures of the same matrix
+                    title = "test rr ORACLE" if rr.get("oracle") else "test rr"
+                    print(format_metrics_table(rr, title=title) + "\n", flush=True)
                 if best:
                     print(f"best checkpoint: {best}", flush=True)
         for lg in loggers:

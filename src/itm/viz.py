@@ -58,6 +58,7 @@ def attention_map(
     img_len: int | None,
     cap: Any,
     cap_len: int | None,
+    image_inputs: dict[str, Any] | None = None,
 ) -> np.ndarray:
     """Words x regions map ``[L, K]`` of a model for one (image, caption) pair.
 
@@ -68,6 +69,8 @@ def attention_map(
         img_len: valid regions (``None``: all ``K``).
         cap: token ids ``[L]`` (or ``[1, L]``), as the data module encodes them.
         cap_len: valid tokens (``None``: all ``L``).
+        image_inputs: the per-region inputs the image encoder reads besides the features
+            (PFAN: ``{"positions": [K, W]}``), each ``[K, ...]`` or ``[1, K, ...]``.
 
     Returns:
         float ``np.ndarray [cap_len, img_len]``: row ``w`` belongs to token ``w``.
@@ -82,10 +85,14 @@ def attention_map(
     n = int(cap_len) if cap_len is not None else cap_t.shape[1]
     device = next(model.parameters()).device
     img_t, cap_t = img_t[:, :k].to(device), cap_t[:, :n].to(device)
+    extra = {}
+    for name, value in (image_inputs or {}).items():
+        t = _as_tensor(value, torch.float32)
+        extra[name] = (t[None] if t.dim() == 2 else t)[:, :k].to(device)
     was_training = model.training
     model.eval()
     try:
-        emb_i, lens_i = model.encode_images(img_t, torch.tensor([k], device=device))
+        emb_i, lens_i = model.encode_images(img_t, torch.tensor([k], device=device), **extra)
         emb_c, lens_c = model.encode_captions(cap_t, torch.tensor([n], device=device))
     finally:
         model.train(was_training)

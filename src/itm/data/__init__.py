@@ -1,4 +1,5 @@
-"""Data: vocabulary, synthetic generator, datasets, collate functions and DataModules."""
+"""Data: vocabulary, synthetic generator, datasets, collate functions, DataModules, and PFAN's
+position rows (:func:`pfan_positions`)."""
 
 from itm.data.datamodule import (
     SPLITS,
@@ -13,6 +14,7 @@ from itm.data.datamodule import (
     collate_images,
     collate_pairs,
 )
+from itm.data.pfan import pfan_positions
 from itm.data.precomp import FeatureSplit, NpyImages, PrecompDataModule, find_vocab, open_npy_split
 from itm.data.synthetic import (
     SyntheticSplit,
@@ -62,5 +64,6 @@ __all__ = [
     "make_world",
     "open_npy_split",
     "oracle_recall",
+    "pfan_positions",
     "tokenize",
 ]

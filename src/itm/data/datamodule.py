@@ -8,7 +8,10 @@ The datasets work on any *feature store*: an object with
 - ``cap_to_img``: int array [N_cap], the image index of each caption.
 
 Batches are dicts of tensors (see :func:`collate_pairs`, :func:`collate_images`,
-:func:`collate_captions`). Captions are padded with ``<pad>`` = 0 and are NOT sorted by length
+:func:`collate_captions`). Per-region inputs beyond the features (PFAN's ``positions``) are
+served only when the image encoder declares them (``extra_inputs``; see
+:attr:`ITMDataModule.image_inputs`): the store then provides an array-like attribute of that
+name, ``[N, K, W]``, and batches carry it as float32 ``[B, K, W]`` (zeros past each length). Captions are padded with ``<pad>`` = 0 and are NOT sorted by length
 (the BiGRU packs with ``enforce_sorted=False``), so evaluation batches keep dataset order.
 
 Everything here is picklable (no open handles, no lambdas), as ``ddp_spawn`` and DataLoader
@@ -106,44 +109,98 @@ def _image(store: FeatureStore, idx: int) -> torch.Tensor:
     return torch.from_numpy(np.array(store.images[idx], dtype=np.float32))
 
 
+#: per-region inputs a store may provide beyond the features (what ``extra_inputs`` may name)
+IMAGE_INPUTS: tuple[str, ...] = ("positions",)
+
+
+def check_image_inputs(store: FeatureStore, names: tuple[str, ...], split: str) -> None:
+    """Every per-region input in ``names`` is present in ``store``, ``[N, K, W]`` like its
+    features; raises a ``DataError`` naming the split and what to do otherwise."""
+    from itm.data.validation import DataError
+
+    where = getattr(store, "images_file", None) or f"split {split!r}"
+    for name in names:
+        if name not in IMAGE_INPUTS:
+            raise ValueError(
+                f"the image encoder asks for the input {name!r}; the data can serve "
+                f"{list(IMAGE_INPUTS)}"
+            )
+        arr = getattr(store, name, None)
+        if arr is None:
+            hint = (
+                f" (build <split>_positions.npy with `itm-prepare pfan-positions DIR` from "
+                f"{split}_boxes.npy [N, K, 4] and {split}_img_sizes.npy [N, 2])"
+                if name == "positions"
+                else ""
+            )
+            raise DataError(
+                where,
+                f"the image encoder needs per-region {name!r} but split {split!r} has none" + hint,
+            )
+        shape, images = tuple(arr.shape), tuple(store.images.shape)
+        if len(shape) != 3 or shape[:2] != images[:2]:
+            raise DataError(
+                getattr(store, f"{name}_file", None) or where,
+                f"{name} have shape {shape}; expected [{images[0]}, {images[1]}, W] to match "
+                f"the features {images}",
+            )
+
+
+def _image_extras(store: FeatureStore, idx: int, names: tuple[str, ...]) -> dict[str, Any]:
+    """float32 ``[K, W]`` per-region inputs of image ``idx`` (copies)."""
+    return {n: torch.from_numpy(np.array(getattr(store, n)[idx], dtype=np.float32)) for n in names}
+
+
 class CaptionPairDataset(Dataset):
     """Training pairs: one item per caption, with its image.
 
     Item: ``{"image": float32 [K, D], "caption": int64 [L] (with <start>/<end>),
-    "cap_id": int, "img_id": int}``.
+    "cap_id": int, "img_id": int}``, plus ``"extras": {name: float32 [K, W]}`` when
+    ``image_inputs`` names per-region inputs of the store (e.g. ``("positions",)``).
     """
 
-    def __init__(self, store: FeatureStore, vocab: Vocabulary) -> None:
+    def __init__(
+        self, store: FeatureStore, vocab: Vocabulary, image_inputs: tuple[str, ...] = ()
+    ) -> None:
         self.store = store
         self.vocab = vocab
+        self.image_inputs = tuple(image_inputs)
 
     def __len__(self) -> int:
         return len(self.store.captions)
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         img_id = int(self.store.cap_to_img[idx])
-        return {
+        item = {
             "image": _image(self.store, img_id),
             "caption": torch.tensor(self.vocab.encode(self.store.captions[idx]), dtype=torch.int64),
             "cap_id": int(idx),
             "img_id": img_id,
         }
+        if self.image_inputs:
+            item["extras"] = _image_extras(self.store, img_id, self.image_inputs)
+        return item
 
 
 class ImageDataset(Dataset):
     """Evaluation images: every image of the split once.
 
-    Item: ``{"image": float32 [K, D], "img_id": int}``.
+    Item: ``{"image": float32 [K, D], "img_id": int}`` (plus ``"extras"`` as
+    :class:`CaptionPairDataset`).
     """
 
-    def __init__(self, store: FeatureStore) -> None:
+    def __init__(self, store: FeatureStore, image_inputs: tuple[str, ...] = ()) -> None:
         self.store = store
+        self.image_inputs = tuple(image_inputs)
 
     def __len__(self) -> int:
         return len(self.store.images)
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
-        return {"image": _image(self.store, idx), "img_id": int(idx)}
+        item = {"image": _image(self.store, idx), "img_id": int(idx)}
+        if self.image_inputs:
+            item["extras"] = _image_extras(self.store, idx, self.image_inputs)
+        return item
 
 
 class CaptionDataset(Dataset):
@@ -189,17 +246,24 @@ def _pad_captions(captions: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
     return out, lens
 
 
+def _collate_extras(batch: list[dict[str, Any]], out: dict[str, torch.Tensor]) -> None:
+    """Per-region inputs of the items (``"extras"``), each padded like the images."""
+    for name in batch[0].get("extras", {}):
+        out[name] = _pad_images([b["extras"][name] for b in batch])[0]
+
+
 def collate_pairs(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Collate :class:`CaptionPairDataset` items.
 
     Returns:
         ``images`` float32 [B, K, D], ``img_lens`` int64 [B], ``captions`` int64 [B, L]
         (pad 0), ``cap_lens`` int64 [B] (counting <start>/<end>), ``img_ids`` int64 [B],
-        ``cap_ids`` int64 [B].
+        ``cap_ids`` int64 [B]; and each served per-region input (``positions`` float32
+        [B, K, W]).
     """
     images, img_lens = _pad_images([b["image"] for b in batch])
     captions, cap_lens = _pad_captions([b["caption"] for b in batch])
-    return {
+    out = {
         "images": images,
         "img_lens": img_lens,
         "captions": captions,
@@ -207,20 +271,25 @@ def collate_pairs(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         "img_ids": torch.tensor([b["img_id"] for b in batch], dtype=torch.int64),
         "cap_ids": torch.tensor([b["cap_id"] for b in batch], dtype=torch.int64),
     }
+    _collate_extras(batch, out)
+    return out
 
 
 def collate_images(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Collate :class:`ImageDataset` items.
 
     Returns:
-        ``images`` float32 [B, K, D], ``img_lens`` int64 [B], ``img_ids`` int64 [B].
+        ``images`` float32 [B, K, D], ``img_lens`` int64 [B], ``img_ids`` int64 [B]; and each
+        served per-region input (``positions`` float32 [B, K, W]).
     """
     images, img_lens = _pad_images([b["image"] for b in batch])
-    return {
+    out = {
         "images": images,
         "img_lens": img_lens,
         "img_ids": torch.tensor([b["img_id"] for b in batch], dtype=torch.int64),
     }
+    _collate_extras(batch, out)
+    return out
 
 
 def collate_captions(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -276,6 +345,10 @@ class ITMDataModule(pl.LightningDataModule):
         #: caption tokenizer replacing the word vocabulary (e.g. a BERT tokenizer); see
         #: :attr:`caption_tokenizer`.
         self.tokenizer: Any = None
+        #: per-region inputs to serve beside the features (names from
+        #: :data:`IMAGE_INPUTS`), set from the image encoder's ``extra_inputs`` by the training
+        #: and evaluation scripts; empty = features only.
+        self.image_inputs: tuple[str, ...] = ()
 
     # ---- to implement -------------------------------------------------------------------------
     def load_split(self, split: str) -> FeatureStore:
@@ -337,7 +410,7 @@ class ITMDataModule(pl.LightningDataModule):
             None: ("train", "dev", "test"),
         }.get(stage, ())
         for split in needed:
-            self.get_split(split)
+            self._image_inputs_of(split)  # loads the split; checks what the encoder needs
         _ = self.caption_tokenizer  # the word vocabulary unless a tokenizer (BERT) replaces it
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, collate: Any) -> DataLoader:
@@ -352,16 +425,26 @@ class ITMDataModule(pl.LightningDataModule):
             drop_last=False,
         )
 
+    def _image_inputs_of(self, split: str) -> tuple[str, ...]:
+        """:attr:`image_inputs`, checked to be present in ``split``."""
+        names = tuple(self.image_inputs)
+        if names:
+            check_image_inputs(self.get_split(split), names, split)
+        return names
+
     def train_dataloader(self) -> DataLoader:
         """Shuffled caption-image pairs of the train split (see :func:`collate_pairs`)."""
-        ds = CaptionPairDataset(self.get_split("train"), self.caption_tokenizer)
+        ds = CaptionPairDataset(
+            self.get_split("train"), self.caption_tokenizer, self._image_inputs_of("train")
+        )
         return self._loader(ds, self.batch_size, True, collate_pairs)
 
     def eval_dataloaders(self, split: str) -> list[DataLoader]:
         """``[image_loader, caption_loader]`` over ``split``, each in dataset order."""
         store = self.get_split(split)
+        images = ImageDataset(store, self._image_inputs_of(split))
         return [
-            self._loader(ImageDataset(store), self.eval_batch_size, False, collate_images),
+            self._loader(images, self.eval_batch_size, False, collate_images),
             self._loader(
                 CaptionDataset(store, self.caption_tokenizer),
                 self.eval_batch_size,

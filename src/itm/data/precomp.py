@@ -7,6 +7,11 @@ A precomp directory holds, per split (``train``, ``dev``, ``test``, ``testall``)
 - ``<split>_caps.txt``: UTF-8 captions, one per line, ``N * c`` lines, caption ``j`` belonging to
   image ``j // c`` (``c`` = 5 in Flickr30K / COCO; any whole multiple works);
 - optional ``<split>_ids.txt`` (one image id per line) and ``<split>_boxes.npy`` [N, K, 4];
+- optional ``<split>_positions.npy`` [N, K, 2T (+1)]: PFAN position rows (block indices, overlap
+  weights, optional area; :mod:`itm.data.pfan`), written by ``itm-prepare pfan-positions DIR``
+  from the boxes and ``<split>_img_sizes.npy``. The PFAN authors' released files are named
+  ``<split>_boxes.npy`` but hold such rows (30 columns for Flickr30K, 31 for COCO): a boxes file
+  of that width is read as positions, with a message;
 
 plus a SCAN ``*_vocab.json`` (in the directory, or ``<dir>/../vocab/<dir name>_vocab.json`` as
 in SCAN's repository). :class:`PrecompDataModule` also reads the project's HDF5 store
@@ -29,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from itm.data.datamodule import SPLITS, ITMDataModule
+from itm.data.pfan import POSITION_WIDTHS
 from itm.data.validation import (
     DataError,
     DataWarning,
@@ -188,6 +194,9 @@ class FeatureSplit:
         ids: per-image ids (``<split>_ids.txt``) or ``None``.
         boxes: array-like [N, K, 4] region boxes or ``None``.
         format: ``"npy"`` or ``"h5"``.
+        positions: array-like [N, K, W] PFAN position rows (``W`` = 30 or 31 for the
+            authors' release) or ``None``; served to an image encoder that asks for them.
+        positions_file: the file holding the positions (for messages).
     """
 
     name: str
@@ -200,6 +209,8 @@ class FeatureSplit:
     boxes: Any = None
     format: str = "npy"
     meta: dict[str, Any] = field(default_factory=dict)
+    positions: Any = None
+    positions_file: Path | None = None
 
     @property
     def n_regions(self) -> int:
@@ -237,6 +248,8 @@ def split_files(root: str | os.PathLike[str], split: str) -> dict[str, Path]:
         "captions": root / f"{split}_caps.txt",
         "ids": root / f"{split}_ids.txt",
         "boxes": root / f"{split}_boxes.npy",
+        "positions": root / f"{split}_positions.npy",
+        "img_sizes": root / f"{split}_img_sizes.npy",
     }
 
 
@@ -293,16 +306,29 @@ def open_npy_split(
                 files["ids"], f"{len(ids)} ids for {n_all} images in {files['images'].name}"
             )
         ids = ids[:n]
-    boxes = None
+    boxes, positions, positions_file = None, None, None
     if files["boxes"].is_file():
-        binfo = read_npy_header(files["boxes"], ndim=3)
-        if binfo.shape[:2] != info.shape[:2] or binfo.shape[2] < 4:
-            raise DataError(
+        binfo = _region_file_header(files["boxes"], info, files["images"])
+        if binfo.shape[2] == 4:
+            boxes = NpyImages(files["boxes"], limit=limit, info=binfo)
+        else:  # the PFAN authors' release: positions under the name of boxes
+            positions, positions_file = (
+                NpyImages(files["boxes"], limit=limit, info=binfo),
                 files["boxes"],
-                f"boxes have shape {binfo.shape}; expected [{info.shape[0]}, {info.shape[1]}, 4] "
-                f"to match {files['images'].name}",
             )
-        boxes = NpyImages(files["boxes"], limit=limit, info=binfo)
+            msg = (
+                f"{binfo.shape[2]} columns per region: PFAN position rows (the authors' "
+                "release), not boxes (x1, y1, x2, y2); reading it as positions. Its rows follow "
+                f"the authors' image order, which must match {files['images'].name} (match them "
+                "by ids or captions)"
+            )
+            warnings.warn(f"{files['boxes']}: {msg}", DataWarning, stacklevel=2)
+            log.warning("%s: %s", files["boxes"], msg)
+    if files["positions"].is_file():
+        positions, positions_file = (
+            open_positions(files["positions"], info.shape[:2], files["images"], limit),
+            files["positions"],
+        )
     if check_finite:
         check_finite_rows(images, files["images"], n)
         images.release()
@@ -317,7 +343,39 @@ def open_npy_split(
         boxes=boxes,
         format="npy",
         meta={"captions_per_image": cpi, "n_images_on_disk": n_all},
+        positions=positions,
+        positions_file=positions_file,
     )
+
+
+def _region_file_header(path: Path, info: NpyInfo, images_file: Path) -> NpyInfo:
+    """Header of a per-region file ``[N, K, W]`` (boxes or positions), checked against the
+    features' ``[N, K]``; ``W`` must be 4 (boxes) or 30 / 31 (PFAN positions)."""
+    binfo = read_npy_header(path, ndim=3)
+    width = binfo.shape[2]
+    if binfo.shape[:2] != info.shape[:2] or width not in (4, *POSITION_WIDTHS):
+        raise DataError(
+            path,
+            f"shape {binfo.shape}; expected [{info.shape[0]}, {info.shape[1]}, 4] (boxes x1, y1, "
+            f"x2, y2) or [{info.shape[0]}, {info.shape[1]}, 30 | 31] (PFAN positions) to match "
+            f"{images_file.name}",
+        )
+    return binfo
+
+
+def open_positions(
+    path: Path, shape: tuple[int, int], images_file: Path, limit: int | None = None
+) -> NpyImages:
+    """Open ``<split>_positions.npy`` [N, K, W >= 2] matching the features' ``shape = (N, K)``
+    (as stored on disk, before any ``limit``)."""
+    pinfo = read_npy_header(path, ndim=3)
+    if pinfo.shape[:2] != tuple(shape) or pinfo.shape[2] < 2:
+        raise DataError(
+            path,
+            f"positions have shape {pinfo.shape}; expected [{shape[0]}, {shape[1]}, 2T or 2T + 1] "
+            f"(T block indices, T weights, optional area) to match {images_file.name}",
+        )
+    return NpyImages(path, limit=limit, info=pinfo)
 
 
 def find_vocab(root: str | os.PathLike[str]) -> Path:
@@ -447,6 +505,14 @@ class PrecompDataModule(ITMDataModule):
             from itm.data.h5store import open_h5_split
 
             store = open_h5_split(self.root / f"{split}.h5", limit, self.check_finite, split)
+            pos_file = split_files(self.root, split)["positions"]
+            if store.positions is None and pos_file.is_file():
+                on_disk = (
+                    int(store.meta.get("n_images_on_disk", len(store.images))),
+                    store.n_regions,
+                )
+                store.positions = open_positions(pos_file, on_disk, store.images_file, limit)
+                store.positions_file = pos_file
         else:
             store = open_npy_split(self.root, split, limit, self.check_finite)
         self._check_consistent(store)
@@ -562,8 +628,11 @@ class PrecompDataModule(ITMDataModule):
 
     # ---- Lightning hooks ----------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        """Validate everything (once), whatever the stage."""
+        """Validate everything (once), whatever the stage, and that every split holds the
+        per-region inputs the image encoder asks for (:attr:`image_inputs`)."""
         self.validate()
+        for split in self.splits:
+            self._image_inputs_of(split)
 
     def test_dataloader(self):  # noqa: D401 - Lightning hook
         """``[image_loader, caption_loader]`` over :attr:`test_split`."""

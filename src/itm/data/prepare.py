@@ -1,9 +1,11 @@
-"""``itm-prepare``: build a vocabulary, convert precomp data to HDF5, check a data directory.
+"""``itm-prepare``: build a vocabulary, convert precomp data to HDF5, check a data directory,
+build PFAN position rows.
 
     itm-prepare vocab DIR [--threshold 4] [--splits train] [--out FILE]
     itm-prepare h5 DIR [--out OUT_DIR] [--float16] [--splits train dev test testall] [--force]
     itm-prepare check DIR [--format auto|npy|h5] [--vocab FILE]
     itm-prepare convert AUTHORS_CHECKPOINT --out FILE [--force]
+    itm-prepare pfan-positions DIR [--splits ...] [--grid 16] [--top-blocks 15] [--force]
 
 ``vocab`` counts the words of the chosen splits' captions (the project's tokenizer, see
 :func:`itm.data.vocab.tokenize`) and keeps those seen at least ``--threshold`` times (SCAN: 4,
@@ -18,6 +20,13 @@ summary per split.
 ``convert`` rewrites a checkpoint of the authors' code (SCAN, BFAN, IMRAM, CHAN, VSE-infinity,
 SGRAF) as a regular itm checkpoint (:mod:`itm.released.convert`), listing the options mapped and
 those without an itm counterpart.
+
+``pfan-positions`` writes ``<split>_positions.npy`` (float64 [N, K, 2T + 1]: PFAN's block indices,
+overlap weights and area per region, :func:`itm.data.pfan_positions`) from ``<split>_boxes.npy``
+[N, K, 4] (x1, y1, x2, y2 in pixels) and ``<split>_img_sizes.npy`` [N, 2] (height, width), for
+every split that has boxes. A ``<split>_boxes.npy`` with 30 or 31 columns is the PFAN authors'
+release of positions under that name: it is reported and left alone (the data layer reads it as
+positions as it is).
 """
 
 from __future__ import annotations
@@ -134,6 +143,80 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return convert_main(args)
 
 
+def _cmd_pfan_positions(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from itm.data.pfan import pfan_positions, position_columns
+    from itm.data.precomp import split_files
+    from itm.data.validation import read_npy_header
+
+    root = Path(args.root)
+    if not root.is_dir():
+        raise DataError(root, "data directory does not exist")
+    splits = args.splits or [s for s in SPLITS if split_files(root, s)["boxes"].is_file()]
+    if not splits:
+        raise DataError(root, "no <split>_boxes.npy files: nothing to build positions from")
+    for split in splits:
+        files = split_files(root, split)
+        info = read_npy_header(files["boxes"], ndim=3)
+        try:
+            kind = position_columns(info.shape[2], args.top_blocks)
+        except ValueError as err:
+            raise DataError(files["boxes"], str(err)) from None
+        if kind == "positions":
+            print(
+                f"{files['boxes']}: {info.shape[2]} columns per region, i.e. PFAN position rows "
+                "(the authors' release), not boxes: nothing to build, itm reads this file as "
+                f"positions as it is (its rows follow the authors' image order; match them to "
+                f"{split}_ims.npy by ids or captions)",
+                flush=True,
+            )
+            continue
+        dest = files["positions"]
+        if dest.exists() and not args.force:
+            raise DataError(dest, "already exists (pass --force to overwrite)")
+        if not files["img_sizes"].is_file():
+            raise DataError(
+                files["img_sizes"],
+                f"file not found: positions need each image's height and width, [{info.shape[0]}"
+                ", 2] (pixels, the frame of the boxes)",
+            )
+        sizes = np.load(files["img_sizes"])
+        if sizes.shape != (info.shape[0], 2):
+            raise DataError(
+                files["img_sizes"],
+                f"shape {sizes.shape}; expected [{info.shape[0]}, 2] (height, width of each image "
+                f"of {files['boxes'].name})",
+            )
+        boxes = np.load(files["boxes"], mmap_mode="r")
+        t0 = time.perf_counter()
+        width = 2 * args.top_blocks + 1
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        try:
+            out = np.lib.format.open_memmap(
+                tmp, mode="w+", dtype=np.float64, shape=(*info.shape[:2], width)
+            )
+            for start in range(0, info.shape[0], 1024):
+                stop = min(start + 1024, info.shape[0])
+                try:
+                    out[start:stop] = pfan_positions(
+                        boxes[start:stop], sizes[start:stop], args.grid, args.top_blocks
+                    )
+                except ValueError as err:
+                    raise DataError(files["boxes"], f"images {start}..{stop - 1}: {err}") from None
+            out.flush()
+            del out
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        print(
+            f"wrote {dest} [{info.shape[0]}, {info.shape[1]}, {width}] "
+            f"({time.perf_counter() - t0:.1f} s)",
+            flush=True,
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="itm-prepare", description="Prepare image-text matching data for itm."
@@ -170,6 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the itm checkpoint to write (e.g. model.ckpt)")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser(
+        "pfan-positions",
+        help="build PFAN position rows (<split>_positions.npy) from boxes and image sizes",
+    )
+    p.add_argument("root", help="precomp directory (<split>_boxes.npy, <split>_img_sizes.npy)")
+    p.add_argument("--splits", nargs="+", choices=SPLITS, help="splits (default: all with boxes)")
+    p.add_argument("--grid", type=int, default=16, help="grid size G (default 16)")
+    p.add_argument("--top-blocks", type=int, default=15, help="blocks per region T (default 15)")
+    p.add_argument("--force", action="store_true", help="overwrite existing positions files")
+    p.set_defaults(func=_cmd_pfan_positions)
     return parser
 
 

@@ -13,6 +13,12 @@ information. A *split* (drawn from its own ``seed``) holds images and captions:
   image's concepts, in random order, among filler words drawn uniformly from the filler
   vocabulary. The captions of one image differ from each other.
 
+Each region also has a random box (pixels, in an image of random size) drawn from a stream of its
+own, independent of everything else: ``region_boxes`` / ``img_sizes``, and the PFAN position rows
+built from them (``positions``, :func:`itm.data.pfan_positions`, computed on first use). They
+carry no information about concepts; they exist so that position-aware encoders (PFAN) run on
+the synthetic data, and adding them left every other value of a split unchanged.
+
 An image and a caption match only through concepts, and a concept is visible only in one region
 and named by one word, so a model has to learn which region goes with which word (and which
 words to ignore) to retrieve well, and that suffices. Caption length, word positions and region
@@ -40,6 +46,7 @@ _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
 _WORLD_TAG = 0x5EED_0001  # separates the world's random streams from the splits'
 _SPLIT_TAG = 0x5EED_0002
+_BOX_TAG = 0x5EED_0003  # the boxes' own stream: drawing them changes nothing else
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,10 @@ class SyntheticSplit:
         concept_words: the world's concept words (``concept_words[c]`` names concept ``c``).
         filler_words: the world's filler words.
         captions_per_image: captions per image (5).
+        region_boxes: float32 [N, K, 4] random region boxes ``x1, y1, x2, y2`` in pixels
+            (independent of the content; not called ``boxes`` so that pictures do not draw
+            them as if they located anything).
+        img_sizes: int64 [N, 2] image ``height, width`` in pixels.
     """
 
     images: np.ndarray
@@ -89,10 +100,23 @@ class SyntheticSplit:
     concept_words: list[str] = field(repr=False)
     filler_words: list[str] = field(repr=False)
     captions_per_image: int = 5
+    region_boxes: np.ndarray | None = field(default=None, repr=False)
+    img_sizes: np.ndarray | None = field(default=None, repr=False)
+    _positions: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def __len__(self) -> int:
         """Number of images."""
         return int(self.images.shape[0])
+
+    @property
+    def positions(self) -> np.ndarray | None:
+        """float32 [N, K, 31] PFAN position rows of :attr:`region_boxes` (grid 16, 15 blocks;
+        :func:`itm.data.pfan_positions`), built on first use; ``None`` without boxes."""
+        if self._positions is None and self.region_boxes is not None:
+            from itm.data.pfan import pfan_positions
+
+            self._positions = pfan_positions(self.region_boxes, self.img_sizes).astype(np.float32)
+        return self._positions
 
 
 def _make_words(rng: np.random.Generator, n: int, taken: set[str]) -> list[str]:
@@ -307,6 +331,9 @@ def generate_synthetic(
             caption_concepts.append(named)
 
     cap_to_img = np.repeat(np.arange(n_images, dtype=np.int64), captions_per_image)
+    boxes, sizes = _draw_boxes(
+        np.random.default_rng([_BOX_TAG, world_seed, *seed_seq]), n_images, n_regions
+    )
     return SyntheticSplit(
         images=images.astype(np.float32),
         captions=captions,
@@ -317,7 +344,28 @@ def generate_synthetic(
         concept_words=world.concept_words,
         filler_words=world.filler_words,
         captions_per_image=captions_per_image,
+        region_boxes=boxes,
+        img_sizes=sizes,
     )
+
+
+def _draw_boxes(
+    rng: np.random.Generator, n_images: int, n_regions: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random region boxes: float32 [N, K, 4] pixels and int64 [N, 2] image sizes (h, w).
+
+    Image sides are 256-640 pixels; a box side is a fraction of the image side drawn from a mix
+    of small (0.05-0.3), medium (0.3-0.7) and large (0.6-1.0) extents (large boxes cover more
+    than 15 whole grid blocks, the case where PFAN's tie order matters), placed uniformly."""
+    sizes = rng.integers(256, 641, size=(n_images, 2))  # [N, 2] height, width
+    kind = rng.choice(3, size=(n_images, n_regions, 2), p=(0.5, 0.3, 0.2))
+    lo = np.array([0.05, 0.3, 0.6])[kind]
+    hi = np.array([0.3, 0.7, 1.0])[kind]
+    frac = lo + (hi - lo) * rng.random((n_images, n_regions, 2))  # [N, K, 2] of (w, h)
+    start = (1.0 - frac) * rng.random((n_images, n_regions, 2))
+    wh = sizes[:, None, ::-1].astype(np.float64)  # [N, 1, 2] (w, h)
+    boxes = np.concatenate([start * wh, (start + frac) * wh], axis=-1)  # x1, y1, x2, y2
+    return boxes.astype(np.float32), sizes.astype(np.int64)
 
 
 def oracle_recall(

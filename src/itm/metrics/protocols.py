@@ -8,6 +8,10 @@
 - ``coco1k+5k``: both, as ``{"coco1k": ..., "coco5k": ...}``.
 
 ``ensemble`` averages the score matrices of several models before ranking.
+
+With ``rerank`` (an MTFN :class:`~itm.metrics.rerank.RerankSpec`) every figure comes from the
+re-ranked orders instead, re-ranked INSIDE each COCO 1K fold (a fold is its own retrieval
+problem) and once on the whole matrix for ``f30k`` / ``coco5k``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from torch import Tensor
 
 from itm.metrics.recall import METRIC_KEYS, recall_at_k
+from itm.metrics.rerank import RerankSpec
 
 __all__ = ["PROTOCOLS", "ensemble", "evaluate_protocol"]
 
@@ -34,8 +39,27 @@ def _shape(sims: Any) -> tuple[int, ...]:
     return tuple(sims.shape)
 
 
+def _scorer(rerank: RerankSpec | None, text_sims: Any):
+    """``score(block, caption_slice, cpi) -> recall dict``: plain, or of the re-ranked orders
+    (``text_sims`` restricted to the block's captions)."""
+    if rerank is None:
+        return lambda block, caps, cpi: recall_at_k(block, cpi)
+    if rerank.t2i == "text_sim" and text_sims is None:
+        text_sims = rerank.load_text_sims()
+
+    def score(block: Any, caps: slice, cpi: int) -> dict[str, Any]:
+        ts = text_sims[caps, caps] if text_sims is not None else None
+        return rerank.recall(block, cpi, ts)
+
+    return score
+
+
 def _five_fold(
-    sims: Tensor | np.ndarray, captions_per_image: int, fold_images: int, n_folds: int
+    sims: Tensor | np.ndarray,
+    captions_per_image: int,
+    fold_images: int,
+    n_folds: int,
+    score: Any = None,
 ) -> dict[str, Any]:
     shape = _shape(sims)
     if len(shape) != 2:
@@ -48,10 +72,12 @@ def _five_fold(
             f"captions, i.e. a [{n_folds * fold_images}, {n_folds * fold_caps}] matrix; got "
             f"{list(shape)}"
         )
+    score = score or _scorer(None, None)
     folds = []
     for f in range(n_folds):
-        block = sims[f * fold_images : (f + 1) * fold_images, f * fold_caps : (f + 1) * fold_caps]
-        folds.append(recall_at_k(block, captions_per_image))
+        caps = slice(f * fold_caps, (f + 1) * fold_caps)
+        block = sims[f * fold_images : (f + 1) * fold_images, caps]
+        folds.append(score(block, caps, captions_per_image))
     averaged = {
         key: sum(fold[key] for fold in folds) / n_folds for key in METRIC_KEYS if key != "rsum"
     }
@@ -68,6 +94,8 @@ def evaluate_protocol(
     *,
     fold_images: int = 1000,
     n_folds: int = 5,
+    rerank: RerankSpec | None = None,
+    text_sims: Any = None,
 ) -> dict[str, Any]:
     """Evaluate a full [N_img, N_cap] score matrix under a named protocol.
 
@@ -78,6 +106,9 @@ def evaluate_protocol(
         captions_per_image: captions per image (5 in the public data).
         fold_images: images per fold of ``coco1k`` (1000; smaller in tests).
         n_folds: number of ``coco1k`` folds (5); the matrix must hold exactly that many folds.
+        rerank: MTFN re-ranking (module docstring); ``None`` = the plain figures.
+        text_sims: ``[N_cap, N_cap]`` caption-caption matrix for ``rerank.t2i == "text_sim"``
+            (default: loaded from ``rerank.text_sims``); sliced per fold.
 
     Returns:
         ``f30k`` / ``coco5k``: the :func:`~itm.metrics.recall_at_k` dict (Python floats).
@@ -85,14 +116,16 @@ def evaluate_protocol(
         ``coco1k+5k``: ``{"coco1k": <coco1k dict>, "coco5k": <coco5k dict>}``.
     """
     key = protocol.strip().lower()
+    score = _scorer(rerank, text_sims)
+    every = slice(None)
     if key in ("f30k", "coco5k"):
-        return recall_at_k(sims, captions_per_image)
+        return score(sims, every, captions_per_image)
     if key == "coco1k":
-        return _five_fold(sims, captions_per_image, fold_images, n_folds)
+        return _five_fold(sims, captions_per_image, fold_images, n_folds, score)
     if key == "coco1k+5k":
         return {
-            "coco1k": _five_fold(sims, captions_per_image, fold_images, n_folds),
-            "coco5k": recall_at_k(sims, captions_per_image),
+            "coco1k": _five_fold(sims, captions_per_image, fold_images, n_folds, score),
+            "coco5k": score(sims, every, captions_per_image),
         }
     raise ValueError(f"unknown evaluation protocol {protocol!r}; choose one of {list(PROTOCOLS)}")
 

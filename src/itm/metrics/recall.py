@@ -265,7 +265,11 @@ class RetrievalRecall(Metric):
     dtype, plus duplicates); ranking then needs only ``max_block_mb`` of temporaries.
 
     ``compute`` returns a dict of 0-dim float64 tensors (on the metric's device) with the keys of
-    :func:`recall_at_k`.
+    :func:`recall_at_k`. With ``rerank`` (a :class:`~itm.metrics.rerank.RerankSpec`, or an
+    ``eval.rerank`` node), it adds the figures of the MTFN-re-ranked orders of the SAME gathered
+    matrix under ``rr_<key>`` (computed once on the full matrix, never per shard; the default
+    caption layout only), plus ``rr_oracle`` = 1 when the t2i re-ranking is the
+    ``oracle_groups`` oracle.
     """
 
     is_differentiable = False
@@ -280,9 +284,13 @@ class RetrievalRecall(Metric):
         captions_per_image: int = 5,
         cap_to_img: ArrayLike | Sequence[int] | None = None,
         max_block_mb: float = 64.0,
+        rerank: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        from itm.metrics.rerank import RerankSpec
+
+        self.rerank = rerank if isinstance(rerank, RerankSpec) else RerankSpec.from_config(rerank)
         if captions_per_image < 1:
             raise ValueError(f"captions_per_image must be >= 1, got {captions_per_image}")
         self.captions_per_image = int(captions_per_image)
@@ -405,7 +413,26 @@ class RetrievalRecall(Metric):
         matrix = rows[order[first]]  # [N_img, N_cap] in id order
         i2t, t2i = ranks_i2t_t2i(matrix, mapping.to(rows.device), max_block_mb=self.max_block_mb)
         metrics = recall_from_ranks(i2t, t2i)
+        if self.rerank is not None:
+            metrics.update(self._reranked(matrix, mapping))
         return {
             key: torch.tensor(value, dtype=torch.float64, device=self.device)
             for key, value in metrics.items()
         }
+
+    def _reranked(self, matrix: Tensor, mapping: Tensor) -> dict[str, float]:
+        """``rr_*`` figures of the MTFN-re-ranked orders of the full matrix."""
+        n_img, n_cap = matrix.shape
+        cpi = n_cap // max(n_img, 1)
+        if n_cap != n_img * cpi or not torch.equal(
+            mapping.cpu(), torch.arange(n_cap) // max(cpi, 1)
+        ):
+            raise ValueError(
+                "MTFN re-ranking needs caption c to belong to image c // captions_per_image "
+                "(the public file order); this split is laid out differently"
+            )
+        spec = self.rerank
+        out = {f"rr_{k}": v for k, v in spec.recall(matrix, cpi, spec.load_text_sims()).items()}
+        if spec.oracle:
+            out["rr_oracle"] = 1.0
+        return out

@@ -79,7 +79,8 @@ class ITMModule(pl.LightningModule):
             ``_partial_`` lr scheduler node or null), ``warmup_epochs`` (epochs of
             sum-over-negatives loss before hardest negatives), ``eval_max_block_mb`` (memory
             budget of block-wise scoring), ``eval_precision`` (``fp32`` | ``bf16``, its
-            precision).
+            precision), ``eval_rerank`` (null, or an ``eval.rerank`` node: MTFN re-ranked
+            figures logged beside the plain ones as ``<split>/rr_*``).
     """
 
     def __init__(self, cfg: Mapping | DictConfig) -> None:
@@ -111,10 +112,26 @@ class ITMModule(pl.LightningModule):
         """Encoders return ``emb`` or ``(emb, new_lengths)`` (size augmentation in training)."""
         return out if isinstance(out, tuple) else (out, lengths)
 
-    def encode_images(self, images: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        """``images [B, K, img_dim]`` -> (``[B, K', d]``, lengths ``[B]``)."""
+    def image_inputs(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The batch fields the image encoder declares in ``extra_inputs`` (PFAN:
+        ``positions``), as keyword arguments of :meth:`encode_images`."""
+        names = getattr(self.image_encoder, "extra_inputs", ())
+        missing = [n for n in names if n not in batch]
+        if missing:
+            raise ValueError(
+                f"the image encoder {type(self.image_encoder).__name__} needs the batch "
+                f"field(s) {missing}, which the data did not serve (set the datamodule's "
+                f"image_inputs to {tuple(names)}; train.py and eval.py do it)"
+            )
+        return {n: batch[n] for n in names}
+
+    def encode_images(
+        self, images: Tensor, lengths: Tensor, **extra: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``images [B, K, img_dim]`` (+ the encoder's ``extra_inputs``, e.g. ``positions
+        [B, K, W]``) -> (``[B, K', d]``, lengths ``[B]``)."""
         check_lengths("img_lens", lengths, images, "regions")
-        return self._unpack(self.image_encoder(images, lengths), lengths)
+        return self._unpack(self.image_encoder(images, lengths, **extra), lengths)
 
     def encode_captions(self, tokens: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """``tokens [B, L]`` -> (``[B, L', d]``, lengths ``[B]``)."""
@@ -125,7 +142,9 @@ class ITMModule(pl.LightningModule):
         """Scores ``[B, B]`` of a training batch (image i with caption j), in float32: under
         bf16 / fp16 autocast the head's products run in half precision, but the hinge loss
         summed over a batch (margin 0.2) would lose digits, so the loss sees float32."""
-        img, img_lens = self.encode_images(batch["images"], batch["img_lens"])
+        img, img_lens = self.encode_images(
+            batch["images"], batch["img_lens"], **self.image_inputs(batch)
+        )
         cap, cap_lens = self.encode_captions(batch["captions"], batch["cap_lens"])
         img, cap = same_dtype(img, cap)
         return self.similarity(img, img_lens, cap, cap_lens).float()
@@ -160,7 +179,9 @@ class ITMModule(pl.LightningModule):
         all images x local captions, embeddings gathered with gradients (itm.models.gather)."""
         from itm.models.gather import gathered_contrastive_loss
 
-        img, img_lens = self.encode_images(batch["images"], batch["img_lens"])
+        img, img_lens = self.encode_images(
+            batch["images"], batch["img_lens"], **self.image_inputs(batch)
+        )
         cap, cap_lens = self.encode_captions(batch["captions"], batch["cap_lens"])
         loss, _ = gathered_contrastive_loss(
             self.similarity,
@@ -240,6 +261,19 @@ class ITMModule(pl.LightningModule):
 
     # --- evaluation -------------------------------------------------------------------------
 
+    def setup(self, stage: str) -> None:
+        """Check ``eval_rerank`` before any training (a bad node fails now, not after an
+        epoch)."""
+        self._rerank_spec()
+
+    def _rerank_spec(self):
+        """The MTFN re-ranking of validation / test (``cfg.eval_rerank``), or ``None``."""
+        if not hasattr(self, "_rerank"):
+            from itm.metrics import RerankSpec
+
+            self._rerank = RerankSpec.from_config(self.cfg.get("eval_rerank"))
+        return self._rerank
+
     def on_validation_epoch_start(self) -> None:
         self._eval_buffers = {"img": [], "cap": []}
 
@@ -247,7 +281,9 @@ class ITMModule(pl.LightningModule):
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0):
         if "images" in batch:
-            emb, lens = self.encode_images(batch["images"], batch["img_lens"])
+            emb, lens = self.encode_images(
+                batch["images"], batch["img_lens"], **self.image_inputs(batch)
+            )
             self._eval_buffers["img"].append((batch["img_ids"], emb, lens))
         else:
             emb, lens = self.encode_captions(batch["captions"], batch["cap_lens"])
@@ -297,7 +333,9 @@ class ITMModule(pl.LightningModule):
         for key in ("img", "cap"):
             if e[key].dtype in (torch.float16, torch.bfloat16):
                 e[key] = e[key].float()
-        metric = RetrievalRecall(cap_to_img=e["cap_to_img"].cpu()).to(self.device)
+        # with eval_rerank the metric also re-ranks the matrix it gathers (once, in full)
+        metric = RetrievalRecall(cap_to_img=e["cap_to_img"].cpu(), rerank=self._rerank_spec())
+        metric = metric.to(self.device)
         rank, world = self.global_rank, self.trainer.world_size if self.trainer else 1
         rows = torch.arange(rank, e["img"].shape[0], world, device=e["img"].device)
         from itm.callbacks import scoring_progress

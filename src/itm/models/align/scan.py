@@ -3,10 +3,15 @@
 Each word attends to the regions of an image (``t2i``) or each region to the words of a caption
 (``i2t``) with the shared attention step (``attention.py``); a fragment's score is the cosine of
 the fragment with its attended vector, and the ``pooling`` group reduces those scores.
+
+PFAN (Wang et al., IJCAI 2019; docs/pfan.md) scores with SCAN plus one t2i term that only its
+released code has: ``max_attn_bonus x pool_w(max_r alpha[w, r])``, each word's largest attention
+weight, pooled like the main term (mean under ``avg``; LSE with the same lambda under ``lse``).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from itm.models.align.attention import (
@@ -30,7 +35,7 @@ from itm.models.align.engine import (
 )
 from itm.models.pooling import pool_scores
 
-__all__ = ["SCAN", "caption_cache", "image_cache", "scan_block"]
+__all__ = ["SCAN", "PeakWeights", "caption_cache", "image_cache", "scan_block"]
 
 
 class SCAN(AlignHead):
@@ -48,6 +53,9 @@ class SCAN(AlignHead):
         feature_norm: normalisation of the raw scores across the query axis, one of
             ``clipped_l2norm`` (default, the code's), ``l2norm``, ``softmax``, ``clipped``,
             ``no_norm``.
+        max_attn_bonus: PFAN's extra t2i term (0 = plain SCAN; the PFAN t2i recipe uses 0.5):
+            the t2i score gains ``max_attn_bonus x pool_w(max_r alpha[w, r])``, pooled by the
+            same pooling as the cosines. The i2t part never gets it.
     """
 
     supports_bf16 = True
@@ -57,6 +65,7 @@ class SCAN(AlignHead):
         direction: str = "t2i",
         lambda_softmax: float = 9.0,
         feature_norm: str = "clipped_l2norm",
+        max_attn_bonus: float = 0.0,
     ) -> None:
         super().__init__()
         self.direction = check_direction(direction)
@@ -64,6 +73,7 @@ class SCAN(AlignHead):
             raise ValueError(f"feature_norm must be one of {FEATURE_NORMS}, got {feature_norm!r}")
         self.lambda_softmax = float(lambda_softmax)
         self.feature_norm = feature_norm
+        self.max_attn_bonus = float(max_attn_bonus)
 
     def forward(
         self, img: Tensor, img_mask: Tensor, cap: Tensor, cap_mask: Tensor, pooling: nn.Module
@@ -76,6 +86,9 @@ class SCAN(AlignHead):
             alpha = t2i_weights(s, img_mask, cap_mask, self.feature_norm, self.lambda_softmax)
             words = t2i_cosine(s, alpha, gram(img), sq_norm(cap))  # [B1, B2, L]
             out = pool_scores(pooling, words, cap_mask)
+            if self.max_attn_bonus:  # PFAN: each word's largest weight (padded regions hold 0)
+                peak = alpha.amax(dim=1)  # [B1, B2, L]
+                out = out + self.max_attn_bonus * pool_scores(pooling, peak, cap_mask)
         if self.direction in ("i2t", "both"):
             alpha = i2t_weights(s, img_mask, cap_mask, self.feature_norm, self.lambda_softmax)
             regions = i2t_cosine(s, alpha, gram(cap), sq_norm(img))  # [B1, B2, K]
@@ -122,14 +135,41 @@ class SCAN(AlignHead):
             return super().score_block(images, captions, pooling, ws)
         assert pooling is not None
         return scan_block(
-            ws, images, captions, pooling, self.direction, self.feature_norm, self.lambda_softmax
+            ws,
+            images,
+            captions,
+            pooling,
+            self.direction,
+            self.feature_norm,
+            self.lambda_softmax,
+            max_attn_bonus=self.max_attn_bonus,
         )
 
     def extra_repr(self) -> str:
+        bonus = f", max_attn_bonus={self.max_attn_bonus}" if self.max_attn_bonus else ""
         return (
             f"direction={self.direction}, lambda_softmax={self.lambda_softmax}, "
-            f"feature_norm={self.feature_norm}"
+            f"feature_norm={self.feature_norm}{bonus}"
         )
+
+
+class PeakWeights:
+    """A :class:`~itm.models.align.engine.SelectHook` that records ``max_r alpha[r, q]`` of every
+    query item and leaves the weights alone (PFAN's bonus on the inference path).
+
+    The kernel hands it the unnormalised weights ``w [Bc, Kc, N]`` of one chunk of context sets
+    after another (0 at padded context items), so ``max_r w / sum_r w`` is the largest softmax
+    weight; :meth:`result` stacks the chunks in order, ``[Bc_total, Lq, Bq]``."""
+
+    def __init__(self) -> None:
+        self.parts: list[Tensor] = []
+
+    def __call__(self, w: Tensor, scratch: Tensor, ctx_mask: Tensor) -> None:
+        self.parts.append(w.amax(dim=1).div_(w.sum(dim=1)))
+
+    def result(self, n_query_sets: int) -> Tensor:
+        peak = self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts)
+        return peak.view(peak.shape[0], -1, n_query_sets)
 
 
 def image_cache(img: Tensor, img_mask: Tensor, direction: str) -> dict[str, Tensor]:
@@ -166,9 +206,11 @@ def scan_block(
     kind: str,
     lambda_softmax: float,
     select: SelectHook | None = None,
+    max_attn_bonus: float = 0.0,
 ) -> Tensor:
     """SCAN-style scores of a block on the inference path: ``[B1, B2]`` (BFAN reuses it with
-    its focal ``select`` hook and mean pooling).
+    its focal ``select`` hook and mean pooling; PFAN's ``max_attn_bonus`` adds its pooled peak
+    weights to the t2i part, read by a :class:`PeakWeights` hook).
 
     t2i: ``s [B1, K, L*B2]`` (images = context, words item-major); i2t: ``[B2, L, K*B1]``
     (captions = context), so that in both directions the softmax runs over axis 1 and the
@@ -190,10 +232,24 @@ def scan_block(
             else captions.cache["t"]
         )
         s = block_scores(ws, "s", img, cap_t)
+        if max_attn_bonus and select is not None:
+            raise ValueError("max_attn_bonus does not combine with a select hook (BFAN)")
+        peaks = PeakWeights() if max_attn_bonus else None
         words = soft_attention_scores(
-            ws, s, img_mask, images.cache, captions.cache["sq_t"], b2, kind, lambda_softmax, select
+            ws,
+            s,
+            img_mask,
+            images.cache,
+            captions.cache["sq_t"],
+            b2,
+            kind,
+            lambda_softmax,
+            peaks or select,
         )  # [B1, L, B2]
         out = pool_scores(pooling, words.transpose(1, 2), cap_mask[None])
+        if peaks is not None:
+            peak = peaks.result(b2)  # [B1, L, B2]
+            out = out + max_attn_bonus * pool_scores(pooling, peak.transpose(1, 2), cap_mask[None])
     if direction in ("i2t", "both"):
         # [K, B1, d], once per image block (the engine scores every caption block against it)
         img_t = ws.memo("img_t", images.key, lambda: img.transpose(0, 1).contiguous())

@@ -1,12 +1,16 @@
 """Image and text encoders: ``enc(x, lengths) -> [B, N, d]`` fragment embeddings.
 
 In training with size augmentation on (``region_drop`` / ``word_aug`` > 0) an encoder returns
-``(emb, new_lengths)`` instead. ``BertTextEncoder`` imports transformers only when built.
+``(emb, new_lengths)`` instead. ``BertTextEncoder`` imports transformers only when built. An
+encoder that reads per-region inputs besides the features (PFAN's ``positions``) names them in a
+class attribute ``extra_inputs`` and takes them as keyword arguments.
 """
 
-from itm.models.encoders.augment import augment_words, drop_regions
+from itm.models.encoders.augment import augment_words, drop_region_rows, drop_regions
 from itm.models.encoders.bert import BertTextEncoder
 from itm.models.encoders.image import FCImageEncoder, MLPImageEncoder
+from itm.models.encoders.inputs import declared_inputs
+from itm.models.encoders.pfan import PFANImageEncoder
 from itm.models.encoders.selfattn import SelfAttentionImageEncoder
 from itm.models.encoders.text import BiGRUTextEncoder
 
@@ -15,7 +19,10 @@ __all__ = [
     "BiGRUTextEncoder",
     "FCImageEncoder",
     "MLPImageEncoder",
+    "PFANImageEncoder",
     "SelfAttentionImageEncoder",
     "augment_words",
+    "declared_inputs",
+    "drop_region_rows",
     "drop_regions",
 ]

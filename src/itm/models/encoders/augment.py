@@ -9,10 +9,12 @@ else from torch's global generator (which Lightning's ``seed_everything`` seeds)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-__all__ = ["augment_words", "drop_regions"]
+__all__ = ["augment_words", "drop_region_rows", "drop_regions"]
 
 
 def _rand(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -68,15 +70,47 @@ def drop_regions(
         ``(x' [B, K', D], new_lengths [B])`` with ``K' = max(new_lengths)``; ``new_lengths`` has
         the dtype and device of ``lengths``.
     """
+    (out,), new_lengths = drop_region_rows((x,), lengths, p, generator)
+    return out, new_lengths
+
+
+def drop_region_rows(
+    tensors: Sequence[Tensor],
+    lengths: Tensor,
+    p: float,
+    generator: torch.Generator | None = None,
+) -> tuple[list[Tensor], Tensor]:
+    """:func:`drop_regions` applied to several per-region tensors with ONE draw, so that they
+    lose the same regions (features and PFAN positions, say).
+
+    Args:
+        tensors: ``[B, K, ...]`` tensors sharing ``B`` and ``K`` (any trailing shape / dtype).
+        lengths: ``[B]`` counts of valid regions.
+        p: drop probability in [0, 1]; 0 returns the inputs unchanged.
+        generator: optional ``torch.Generator`` for reproducible draws.
+
+    Returns:
+        ``([t' [B, K', ...] for each tensor], new_lengths [B])``.
+    """
     _check_p(p, "region drop probability")
+    x = tensors[0]
+    for t in tensors[1:]:
+        if t.shape[:2] != x.shape[:2]:
+            raise ValueError(
+                f"per-region tensors must share [B, K]: {tuple(x.shape[:2])} vs "
+                f"{tuple(t.shape[:2])}"
+            )
     if p == 0.0 or x.shape[0] == 0:
-        return x, lengths
+        return list(tensors), lengths
     lens = lengths.to(x.device)
     valid = torch.arange(x.shape[1], device=x.device)[None, :] < lens[:, None]
     u = _rand(valid.shape, x, generator)
     keep = _ensure_one(valid & (u >= p), valid, u)
-    out, new_lengths = _compact(x, keep, 0.0)
-    return out, new_lengths.to(lengths.device, lengths.dtype)
+    outs = []
+    for t in tensors:
+        out, new_lengths = _compact(t, keep.to(t.device), 0.0)
+        outs.append(out)
+    return outs, new_lengths.to(lengths.device, lengths.dtype)
 
 
 def augment_words(
