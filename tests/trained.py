@@ -105,14 +105,15 @@ def planted_alignment(model: Any, dm: Any, split: str = "test") -> dict[str, flo
 
 
 @torch.no_grad()
-def score_split(model: Any, dm: Any, split: str = "test", precision: str = "fp32") -> torch.Tensor:
+def score_split(model: Any, dm: Any, split: str = "test", **options: Any) -> torch.Tensor:
     """The full ``[N_img, N_cap]`` score matrix of ``split`` (images and captions encoded once,
-    scored by the block engine)."""
+    scored by the block engine; ``options`` go to ``score_matrix``, e.g. ``precision``)."""
     from itm.evaluate import encode_split
 
     e = encode_split(model, dm, split)
-    kwargs = {} if precision == "fp32" else {"precision": precision}
-    return model.similarity.score_matrix(e["img"], e["img_lens"], e["cap"], e["cap_lens"], **kwargs)
+    return model.similarity.score_matrix(
+        e["img"], e["img_lens"], e["cap"], e["cap_lens"], **options
+    )
 
 
 def chance_rsum(n_images: int) -> float:

@@ -175,6 +175,7 @@ def score_checkpoint(
         e["cap_lens"],
         float(cfg.eval.max_block_mb),
         precision=str(cfg.eval.get("precision") or "fp32"),
+        exact_top=int(cfg.eval.get("bf16_exact_top", 10)),
     )
     t2 = time.perf_counter()
     n_img, n_cap = sims.shape

@@ -54,7 +54,7 @@ MAX_CAPTION_BLOCK = 128
 PRECISIONS = ("fp32", "bf16")
 #: bf16 scoring: the best pairs of every image's row and every caption's column scored again in
 #: float32 (:func:`rescore_top`)
-BF16_EXACT_TOP = 32
+BF16_EXACT_TOP = 10
 #: Post-GEMM work runs over chunks of context sets whose score tile is about this size, so the
 #: ~10 elementwise passes stay in cache (the block's single matrix product is not chunked).
 CHUNK_BYTES = 16 * 2**20
@@ -419,7 +419,7 @@ def rescore_top(
 ) -> Tensor:
     """Score again, in float32 and in place in ``sims``, every pair among the ``top`` highest of
     its image's row or of its caption's column: ``(n_images + n_captions) * top`` pairs at most
-    (about ``top`` per image and per caption: ~1 % of Flickr30K's 5M pairs at ``top = 32``),
+    (about ``top`` per image and per caption: ~1 % of Flickr30K's 5M pairs at ``top = 10``),
     one image at a time against its candidate captions."""
     n_img, n_cap = sims.shape
     m_row, m_col = min(top, n_cap), min(top, n_img)
@@ -430,27 +430,52 @@ def rescore_top(
     pairs = torch.unique(img_idx * n_cap + cap_idx)  # sorted: grouped by image
     img_idx, cap_idx = pairs // n_cap, pairs % n_cap
     counts = torch.bincount(img_idx, minlength=n_img).tolist()
+    # many small products: one thread, which never waits for a descheduled sibling (on a
+    # loaded 2-core machine each small multi-threaded op cost ~10 ms, single-threaded ~0.1 ms)
+    threads = torch.get_num_threads()
+    if sims.device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        _rescore_rows(
+            head, pooling, img, img_lens, cap, cap_lens, max_block_mb, sims, counts, cap_idx
+        )
+    finally:
+        torch.set_num_threads(threads)
+    return sims
+
+
+def _rescore_rows(
+    head: AlignHead,
+    pooling: nn.Module | None,
+    img: Tensor,
+    img_lens: Tensor,
+    cap: Tensor,
+    cap_lens: Tensor,
+    max_block_mb: float,
+    sims: Tensor,
+    counts: list[int],
+    cap_idx: Tensor,
+) -> None:
+    """Row ``i`` of ``sims`` at its ``counts[i]`` captions of ``cap_idx`` (grouped by image),
+    scored in float32 by the head's direct path (one image against its few candidates: no
+    block machinery)."""
+    img_mask = lengths_to_mask(img_lens, img.shape[1])
     start = 0
     for i, count in enumerate(counts):
         if count == 0:
             continue
         idx = cap_idx[start : start + count].to(sims.device)
         start += count
-        exact = _score_blocks(
-            head,
-            pooling,
+        lens = cap_lens[idx]
+        n_words = int(lens.max())
+        exact = head(
             img[i : i + 1],
-            img_lens[i : i + 1],
-            cap[idx],
-            cap_lens[idx],
-            max_block_mb,
-            None,
-            MAX_CAPTION_BLOCK,
-            Workspace(),  # block keys are unique within one run of blocks, not across runs
-            False,
+            img_mask[i : i + 1],
+            cap[idx, :n_words],
+            lengths_to_mask(lens, n_words),
+            pooling,
         )
         sims[i, idx] = exact[0].to(sims.dtype)
-    return sims
 
 
 def _score_blocks(

@@ -121,6 +121,8 @@ class IMRAM(AlignHead):
     a :class:`MemoryDistillationUnit`; a single-direction head holds only its own branch.
     """
 
+    supports_bf16 = True  # the block's and the MDU's products in bfloat16
+
     def __init__(
         self,
         direction: str = "both",
@@ -210,12 +212,19 @@ class IMRAM(AlignHead):
         self, images: Block, captions: Block, pooling: nn.Module | None, ws: Workspace
     ) -> Tensor:
         """Inference path: the batched steps with the per-caption / per-image quantities
-        (Gram matrices, the MDU's attended half of the words) computed once, not per block."""
+        (Gram matrices, the MDU's attended half of the words) computed once, not per block.
+        bf16 scoring: the region-word scores, the memory's scores, the attention-weighted MDU
+        halves and the MDU's per-pair query half in bfloat16; softmax, gates and cosines in
+        float32."""
         assert pooling is not None
         img, img_mask, img_cache = images.emb, images.mask, images.cache
         cap, cap_mask, cap_cache = captions.emb, captions.mask, captions.cache
         self._check_size(img)
-        s = region_word_scores(img, cap)
+        lowp = images.lowp is not None and captions.lowp is not None
+        if lowp:
+            s = region_word_scores(images.lowp, captions.lowp).float()
+        else:
+            s = region_word_scores(img, cap)
         out = None
         if self.direction in ("t2i", "both"):
             steps = self._text_steps(
@@ -229,6 +238,7 @@ class IMRAM(AlignHead):
                 mdu=(cap_cache["w_q_t2i"], cap_cache["w_a_t2i"], cap_cache["bias_t2i"]),
                 q_half=cap_cache["q_half_t2i"],
                 ws=ws,
+                lowp=lowp,
             )
             out = torch.stack(steps).sum(dim=0)
         if self.direction in ("i2t", "both"):
@@ -243,6 +253,7 @@ class IMRAM(AlignHead):
                 cap_gram=cap_cache["gram"],
                 w_q=cap_cache["w_q_i2t"],
                 ws=ws,
+                lowp=lowp,
             )
             part = torch.stack(steps).sum(dim=0)
             out = part if out is None else out + part
@@ -280,9 +291,11 @@ class IMRAM(AlignHead):
         memory: Tensor,
         pre: Tensor,
         q_half: Tensor | None = None,
+        lowp: bool = False,
     ) -> Tensor:
         """MDU update from ``pre`` = the attended half of the pre-activations (per pair);
-        ``q_half`` = ``memory``'s query half when already known (``F.linear(memory, w_q)``).
+        ``q_half`` = ``memory``'s query half when already known (``F.linear(memory, w_q)``);
+        ``lowp`` (bf16 scoring): the per-pair memory's product with ``w_q`` in bfloat16.
 
         At inference with ``pre`` a contiguous workspace buffer of ``memory``'s dtype, the
         update runs in place in ``pre`` (query half accumulated by one ``addmm_``, then the
@@ -301,6 +314,9 @@ class IMRAM(AlignHead):
             return l2n(memory) if self.renorm_memory else memory
         if q_half is not None:
             pre.add_(q_half)
+        elif lowp and memory.shape[:-1] == pre.shape[:-1]:  # the MDU's largest product in bf16
+            half = torch.mm(memory.reshape(-1, d).to(torch.bfloat16), w_q.to(torch.bfloat16).T)
+            pre.view(-1, 2 * d).add_(half)
         elif memory.shape[:-1] == pre.shape[:-1]:  # per-pair memory: one GEMM pass into pre
             pre.view(-1, 2 * d).addmm_(memory.reshape(-1, d), w_q.T)
         else:
@@ -321,11 +337,13 @@ class IMRAM(AlignHead):
         mdu: tuple[Tensor, Tensor, Tensor] | None = None,
         q_half: Tensor | None = None,
         ws: Workspace | None = None,
+        lowp: bool = False,
     ) -> list[Tensor]:
         """Text mode: the words' memory attends to the regions. Memory ``[B1, B2, L, d]``
         (``[B2, L, d]`` at step 1, shared by every image). ``mdu``: the MDU's stacked weights
         when already built; ``q_half``: its query half of the words ``[B2, L, 2d]``; ``ws``:
-        inference workspace for the per-pair pre-activations and memory (:func:`_pre_buffer`)."""
+        inference workspace for the per-pair pre-activations and memory (:func:`_pre_buffer`);
+        ``lowp`` (bf16 scoring): the per-pair products in bfloat16 (:func:`_bmm`)."""
         b1, k, b2, n = s.shape
         img_gram = gram(img) if img_gram is None else img_gram
         cap_sq = sq_norm(cap)
@@ -342,16 +360,17 @@ class IMRAM(AlignHead):
                 ctx = F.linear(img, w_a, bias)  # [B1, K, 2d]
             # MDU(att) for att[i, j, w] = sum_r alpha[i, r, j, w] v[i, r]: [B1, B2*L, K] @ ctx
             a_t = alpha.reshape(b1, k, b2 * n).transpose(1, 2)
-            pre = torch.bmm(a_t, ctx, out=_pre_buffer(ws, step, (b1, b2 * n), ctx))
+            pre = _bmm(a_t, ctx, lowp, out=_pre_buffer(ws, step, (b1, b2 * n), ctx))
             memory = self._next_memory(
                 self.mdu_t2i,
                 w_q,
                 memory,
                 pre.view(b1, b2, n, -1),
                 q_half=q_half if step == 0 else None,
+                lowp=lowp,
             )
             # memory against the regions: [B1, K, d] @ [B1, d, B2*L]
-            scores = torch.bmm(img, memory.reshape(b1, b2 * n, -1).transpose(1, 2))
+            scores = _bmm(img, memory.reshape(b1, b2 * n, -1).transpose(1, 2), lowp)
             scores = scores.view(b1, k, b2, n)
         return out
 
@@ -367,11 +386,12 @@ class IMRAM(AlignHead):
         cap_gram: Tensor | None = None,
         w_q: Tensor | None = None,
         ws: Workspace | None = None,
+        lowp: bool = False,
     ) -> list[Tensor]:
         """Image mode: the regions' memory attends to the words. Memory ``[B2, B1, K, d]``
         (``[B1, K, d]`` at step 1, shared by every caption). ``ctx``: the MDU's attended half
         of the words, ``[B2, L, 2d]``, and ``w_q`` the MDU's query half ``[2d, d]`` (both
-        computed here unless both are given); ``ws``: as in :meth:`_text_steps`."""
+        computed here unless both are given); ``ws``, ``lowp``: as in :meth:`_text_steps`."""
         b1, k, b2, n = s.shape
         cap_gram = gram(cap) if cap_gram is None else cap_gram
         img_sq = sq_norm(img)
@@ -388,12 +408,23 @@ class IMRAM(AlignHead):
                 ctx = F.linear(cap, w_a, bias)  # [B2, L, 2d]
             # MDU(att) for att[j, i, r] = sum_w alpha[i, r, j, w] e[j, w]: [B2, B1*K, L] @ ctx
             a_t = alpha.permute(2, 0, 1, 3).reshape(b2, b1 * k, n)
-            pre = torch.bmm(a_t, ctx, out=_pre_buffer(ws, step, (b2, b1 * k), ctx))
-            memory = self._next_memory(self.mdu_i2t, w_q, memory, pre.view(b2, b1, k, -1))
+            pre = _bmm(a_t, ctx, lowp, out=_pre_buffer(ws, step, (b2, b1 * k), ctx))
+            memory = self._next_memory(
+                self.mdu_i2t, w_q, memory, pre.view(b2, b1, k, -1), lowp=lowp
+            )
             # memory against the words: [B2, B1*K, d] @ [B2, d, L], viewed as [B1, K, B2, L]
-            scores = torch.bmm(memory.reshape(b2, b1 * k, -1), cap.transpose(1, 2))
+            scores = _bmm(memory.reshape(b2, b1 * k, -1), cap.transpose(1, 2), lowp)
             scores = scores.view(b2, b1, k, n).permute(1, 2, 0, 3)
         return out
+
+
+def _bmm(a: Tensor, b: Tensor, lowp: bool, out: Tensor | None = None) -> Tensor:
+    """``torch.bmm(a, b)``; ``lowp``: its operands in bfloat16 (float32 accumulation), the
+    result float32 (into ``out`` when given)."""
+    if not lowp:
+        return torch.bmm(a, b, out=out)
+    prod = torch.bmm(a.to(torch.bfloat16), b.to(torch.bfloat16))
+    return prod.float() if out is None else out.copy_(prod)
 
 
 def _pre_buffer(
