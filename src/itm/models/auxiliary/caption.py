@@ -135,7 +135,7 @@ class CaptionLoss(AuxLoss):
         lens = cap_lens.to(tokens.device)
         steps = lens.clamp_max(self.max_len - 1)  # targets per caption
         t_max = max(int(steps.max()), 1) if steps.numel() else 1
-        y = tokens.masked_fill(~lengths_to_mask(lens.to(tokens.device), tokens.shape[1]), PAD_ID)
+        y = tokens.masked_fill(~lengths_to_mask(lens, tokens.shape[1]), PAD_ID)
         y = F.pad(y, (0, max(0, t_max + 1 - y.shape[1])), value=PAD_ID)[:, : t_max + 1].clone()
         cut = lens >= self.max_len  # only then is column max_len - 1 within the labels
         if bool(cut.any()):
@@ -145,7 +145,7 @@ class CaptionLoss(AuxLoss):
                 f"caption token ids must lie in 0..{self.vocab_size - 1} (model.aux.vocab_size), "
                 f"got min {int(y.min())}, max {int(y.max())}"
             )
-        return y[:, :t_max], y[:, 1:], lengths_to_mask(steps.to(tokens.device), t_max)
+        return y[:, :t_max], y[:, 1:], lengths_to_mask(steps, t_max)
 
     def forward(self, v: Tensor, img_lens: Tensor, tokens: Tensor, cap_lens: Tensor) -> Tensor:
         b, k, _ = v.shape
