@@ -83,3 +83,19 @@ def test_quick_bench_prints_every_row():
         row = next(line for line in out.splitlines() if line.startswith(head + " "))
         x_floor, x_paired = (float(v.rstrip("x")) for v in row.split()[5:7])
         assert x_floor > 0 and x_paired > 0
+
+
+def test_quick_train_bench_prints_every_row():
+    """``bench_train.py --quick``: the VSRN / SAEM training-step rows against their baselines
+    run end to end (small shapes) and print a ratio each."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_train.py"), "--quick", "--threads", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    ).stdout
+    for row in ("vsrn", "vsrn_nocap", "saem"):
+        line = next(line for line in out.splitlines() if line.startswith(row + " "))
+        step, base, ratio = (float(v.rstrip("x")) for v in line.split()[1:4])
+        assert step > 0 and base > 0 and ratio > 0

@@ -101,6 +101,8 @@ class EpochSummary(Callback):
             # the checkpoint callback's best (it updates after this hook; survives a resume)
             ckpt = trainer.checkpoint_callback
             prev = getattr(ckpt, "best_model_score", None)
+            if getattr(ckpt, "monitor", "dev/rsum") != "dev/rsum":  # it holds another figure
+                prev = None
             best = rsum if prev is None else max(rsum, float(prev))
             parts.append(f"dev rsum {rsum:.1f} (best {best:.1f})")
         parts.append(f"{time.perf_counter() - self._start:.0f} s")

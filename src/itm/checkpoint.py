@@ -55,7 +55,7 @@ __all__ = [
 RNG_KEY = "itm_rng_state"
 
 #: model config nodes that define the architecture (a difference makes a checkpoint unusable)
-ARCH_KEYS = ("embed_size", "image_encoder", "text_encoder", "align", "pooling")
+ARCH_KEYS = ("embed_size", "image_encoder", "text_encoder", "align", "pooling", "aux")
 #: keys inside those nodes that change training only, not the parameters (a difference warns);
 #: glove_path / vocab_path only initialise a new word table
 SOFT_KEYS = frozenset(
@@ -235,13 +235,16 @@ def config_differences(
     saved: Mapping[str, Any], current: Mapping[str, Any], keys: tuple[str, ...] = ARCH_KEYS
 ) -> list[tuple[str, Any, Any]]:
     """``(dotted key, checkpoint value, this run's value)`` for every differing leaf of the
-    ``keys`` nodes of two model configs."""
+    ``keys`` nodes of two model configs. A key absent from one config and null in the other is
+    no difference (options added later default to null, e.g. ``aux``)."""
     diffs = []
     for top in keys:
         a = _flatten(saved.get(top, _MISSING), top)
         b = _flatten(current.get(top, _MISSING), top)
         for k in sorted(set(a) | set(b)):
             va, vb = a.get(k, _MISSING), b.get(k, _MISSING)
+            if va in (None, _MISSING) and vb in (None, _MISSING):
+                continue
             if va != vb and not (
                 isinstance(va, (int, float))
                 and isinstance(vb, (int, float))

@@ -100,8 +100,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
         metrics: dict[str, float] = {}
         ckpt_cb = trainer.checkpoint_callback
+        monitor = getattr(ckpt_cb, "monitor", None) or "dev/rsum"
         if ckpt_cb is not None and ckpt_cb.best_model_score is not None:
-            metrics["dev/best_rsum"] = float(ckpt_cb.best_model_score)
+            # the best of the monitored figure, named after it (dev/best_rsum by default)
+            metrics[monitor.replace("/", "/best_", 1)] = float(ckpt_cb.best_model_score)
         elif "dev/rsum" in trainer.callback_metrics:
             metrics["dev/best_rsum"] = float(trainer.callback_metrics["dev/rsum"])
         if cfg.get("test", True):

@@ -13,7 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from itm.metrics import RetrievalRecall
-from itm.models.similarity import Similarity
+from itm.models.auxiliary.base import AUX_INPUTS
+from itm.models.penalty import weight_norm_penalty
+from itm.models.similarity import Similarity, lengths_to_mask
 
 
 def _to_dict(cfg: Mapping | DictConfig) -> dict:
@@ -80,7 +82,11 @@ class ITMModule(pl.LightningModule):
             sum-over-negatives loss before hardest negatives), ``eval_max_block_mb`` (memory
             budget of block-wise scoring), ``eval_precision`` (``fp32`` | ``bf16``, its
             precision), ``eval_rerank`` (null, or an ``eval.rerank`` node: MTFN re-ranked
-            figures logged beside the plain ones as ``<split>/rr_*``).
+            figures logged beside the plain ones as ``<split>/rr_*``);
+            optional ``aux`` (an instantiable :class:`~itm.models.auxiliary.AuxLoss` node or
+            null: the training loss gains ``aux.weight_at(epoch) x aux(...)``) and
+            ``weight_norm_penalty`` (a coefficient: the loss gains it x
+            :func:`~itm.models.weight_norm_penalty` of the image encoder).
     """
 
     def __init__(self, cfg: Mapping | DictConfig) -> None:
@@ -92,6 +98,16 @@ class ITMModule(pl.LightningModule):
         self.text_encoder = instantiate(cfg["text_encoder"])
         self.similarity = Similarity(instantiate(cfg["align"]), instantiate(cfg["pooling"]))
         self.criterion = instantiate(cfg["loss"])
+        # auxiliary loss slot (model/aux: VSRN's caption generation, SAEM's angular loss)
+        aux_cfg = cfg.get("aux")
+        if aux_cfg and "_target_" not in aux_cfg:
+            raise ValueError(
+                f"model.aux has fields but no _target_ ({sorted(aux_cfg)}): choose a loss with "
+                "model/aux=caption|angular, or drop the fields with model/aux=none"
+            )
+        self.aux = instantiate(aux_cfg) if aux_cfg else None
+        self._check_aux()
+        self.weight_norm_coef = float(cfg.get("weight_norm_penalty") or 0.0)
         self.warmup_epochs = int(cfg.get("warmup_epochs", 0))
         # DDP: hardest negatives over the batch of all ranks (itm.models.gather)
         self.loss_gather = bool(cfg.get("loss_gather", False))
@@ -157,32 +173,105 @@ class ITMModule(pl.LightningModule):
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         hardest = self.current_epoch >= self.warmup_epochs
+        img, img_lens = self.encode_images(
+            batch["images"], batch["img_lens"], **self.image_inputs(batch)
+        )
+        cap, cap_lens = self.encode_captions(batch["captions"], batch["cap_lens"])
+        img, cap = same_dtype(img, cap)
+        n = img.shape[0]
+        vectors = None
         if self.loss_gather and self._trainer is not None and self.trainer.world_size > 1:
-            loss = self._gathered_loss(batch, hardest and self.criterion.max_violation)
-            n = batch["images"].shape[0]
+            loss = self._gathered_loss(
+                batch, img, img_lens, cap, cap_lens, hardest and self.criterion.max_violation
+            )
         else:
-            sims = self(batch)
+            if self.aux is not None and self.aux.inputs == "global":
+                # the global head's score from its vectors, which the aux loss reuses
+                img_vec, cap_vec = self._global_vectors(img, img_lens, cap, cap_lens)
+                vectors = (img_vec.float(), cap_vec.float())
+                sims = vectors[0] @ vectors[1].T
+            else:
+                # float32 for the loss, as forward(): see its docstring
+                sims = self.similarity(img, img_lens, cap, cap_lens).float()
             loss = self.criterion(
                 sims,
                 max_violation=hardest and self.criterion.max_violation,
                 img_ids=batch["img_ids"],
                 cap_img_ids=batch["img_ids"],
             )
-            n = sims.shape[0]
+        loss = loss + self._extra_losses(batch, img, img_lens, cap, cap_lens, vectors)
         self._epoch_samples += n
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
         return loss
 
-    def _gathered_loss(self, batch: Mapping[str, Tensor], max_violation: bool) -> Tensor:
+    # --- auxiliary losses (model/aux, model.weight_norm_penalty) -----------------------------
+
+    def _check_aux(self) -> None:
+        if self.aux is None:
+            return
+        inputs = getattr(self.aux, "inputs", None)
+        if inputs not in AUX_INPUTS:
+            raise ValueError(
+                f"model.aux: {type(self.aux).__name__}.inputs must be one of {AUX_INPUTS}, "
+                f"got {inputs!r}"
+            )
+        if inputs == "global" and not hasattr(self.similarity.align, "embed"):
+            raise ValueError(
+                f"model.aux={type(self.aux).__name__} needs the global vectors of the `global` "
+                f"head (model/align=global), got {type(self.similarity.align).__name__}"
+            )
+
+    def _global_vectors(
+        self, img: Tensor, img_lens: Tensor, cap: Tensor, cap_lens: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The global head's l2-normalised vectors ``([B, d], [B, d])`` of a batch."""
+        img_mask = lengths_to_mask(img_lens.to(img.device), img.shape[1])
+        cap_mask = lengths_to_mask(cap_lens.to(cap.device), cap.shape[1])
+        return self.similarity.align.embed(img, img_mask, cap, cap_mask)
+
+    def _extra_losses(
+        self,
+        batch: Mapping[str, Tensor],
+        img: Tensor,
+        img_lens: Tensor,
+        cap: Tensor,
+        cap_lens: Tensor,
+        vectors: tuple[Tensor, Tensor] | None,
+    ) -> Tensor | float:
+        """``aux.weight_at(epoch) x aux(...)`` (skipped at weight 0) plus the weight-norm
+        penalty; each term is logged unweighted (``train/aux_loss``, ``train/weight_norm``)."""
+        n = img.shape[0]
+        total: Tensor | float = 0.0
+        weight = self.aux.weight_at(self.current_epoch) if self.aux is not None else 0.0
+        if weight:
+            if self.aux.inputs == "fragments":
+                term = self.aux(img, img_lens, batch["captions"], batch["cap_lens"])
+            else:
+                if vectors is None:
+                    vectors = self._global_vectors(img, img_lens, cap, cap_lens)
+                term = self.aux(*vectors)
+            self.log("train/aux_loss", term, batch_size=n)
+            total = total + weight * term
+        if self.weight_norm_coef:
+            penalty = weight_norm_penalty(self.image_encoder)
+            self.log("train/weight_norm", penalty, batch_size=n)
+            total = total + self.weight_norm_coef * penalty
+        return total
+
+    def _gathered_loss(
+        self,
+        batch: Mapping[str, Tensor],
+        img: Tensor,
+        img_lens: Tensor,
+        cap: Tensor,
+        cap_lens: Tensor,
+        max_violation: bool,
+    ) -> Tensor:
         """This rank's share of the loss of the global batch: local images x all captions and
         all images x local captions, embeddings gathered with gradients (itm.models.gather)."""
         from itm.models.gather import gathered_contrastive_loss
 
-        img, img_lens = self.encode_images(
-            batch["images"], batch["img_lens"], **self.image_inputs(batch)
-        )
-        cap, cap_lens = self.encode_captions(batch["captions"], batch["cap_lens"])
         loss, _ = gathered_contrastive_loss(
             self.similarity,
             img,
@@ -353,6 +442,9 @@ class ITMModule(pl.LightningModule):
             )
         metric.update(sims, rows)
         results = {k: float(v) for k, v in metric.compute().items()}
+        # VSRN's model-selection figure (R@1 + R@5 of both directions, no R@10), for
+        # callbacks.model_checkpoint.monitor=dev/r1r5_sum
+        results["r1r5_sum"] = sum(results[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5))
         self.log_dict({f"{split}/{k}": v for k, v in results.items()}, sync_dist=False)
         self._eval_buffers = {"img": [], "cap": []}
         return results

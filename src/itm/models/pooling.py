@@ -201,3 +201,74 @@ class GPOPool(SetPooling):
 
 
 __all__ += ["GPOPool"]
+
+
+def _flat_sets(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, list[int]]:
+    """``x [..., N, D]``, ``mask`` (broadcastable to ``[..., N]``) -> ``x [M, N, D]``,
+    ``valid [M, N]`` and the leading shape."""
+    *lead, n, d = x.shape
+    valid = mask.expand(*lead, n).reshape(-1, n)
+    return x.reshape(-1, n, d), valid, lead
+
+
+class LastPool(SetPooling):
+    """The LAST valid item of each set (VSRN's caption vector: the text GRU's output at the
+    caption's last word). Parameter-free; an empty set gives 0. The mask need not be a prefix:
+    the item at the last True position is taken."""
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        flat, valid, lead = _flat_sets(x, mask)
+        n, d = flat.shape[1:]
+        if n == 0:
+            return x.new_zeros(*lead, d)
+        pos = torch.arange(1, n + 1, device=x.device)
+        last = (pos * valid).amax(dim=1)  # [M]: 1-based position of the last valid item, 0 if none
+        picked = flat[torch.arange(flat.shape[0], device=x.device), (last - 1).clamp_min(0)]
+        picked = torch.where((last > 0)[:, None], picked, picked.new_zeros(()))
+        return picked.reshape(*lead, d)
+
+
+class GRULastPool(SetPooling):
+    """VSRN's global semantic reasoning ("GSR"): a GRU reads the valid items in their stored
+    order; the result is its hidden state after the last one (docs/vsrn.md).
+
+    With ``final_bn`` (the authors' F30K model) a BatchNorm1d over the pooled vectors follows;
+    in training its statistics are those of the batch of sets. The output is not normalised
+    (the ``global`` head l2-normalises it). The valid items of a set need not be a prefix: they
+    are read in their order. The GRU runs packed over each set's own items; an empty set gives
+    0 (before ``bn``).
+
+    Args:
+        embed_size: item size d (the GRU's input and hidden size).
+        final_bn: BatchNorm1d(d) on the result (VSRN F30K: true; COCO: false).
+    """
+
+    def __init__(self, embed_size: int = 1024, final_bn: bool = False) -> None:
+        super().__init__()
+        self.embed_size = int(embed_size)
+        self.gru = nn.GRU(self.embed_size, self.embed_size, batch_first=True)
+        self.bn = nn.BatchNorm1d(self.embed_size) if final_bn else None
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        flat, valid, lead = _flat_sets(x, mask)
+        m, n, d = flat.shape
+        if m == 0 or n == 0:
+            return x.new_zeros(*lead, d)
+        count = valid.sum(dim=1)
+        # valid items to the front in their order (a prefix mask leaves the set unchanged)
+        order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices
+        flat = flat.gather(1, order[..., None].expand(m, n, d))
+        packed = nn.utils.rnn.pack_padded_sequence(
+            flat, count.clamp_min(1).cpu(), batch_first=True, enforce_sorted=False
+        )
+        _, hidden = self.gru(packed)  # [1, M, d], in the input order
+        out = torch.where((count > 0)[:, None], hidden[0], hidden.new_zeros(()))
+        if self.bn is not None:
+            out = self.bn(out)
+        return out.reshape(*lead, d)
+
+    def extra_repr(self) -> str:
+        return f"embed_size={self.embed_size}, final_bn={self.bn is not None}"
+
+
+__all__ += ["GRULastPool", "LastPool"]

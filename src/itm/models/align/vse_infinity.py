@@ -20,15 +20,21 @@ from itm.models.functional import l2n
 class GlobalAlign(AlignHead):
     """Pool each modality into one vector, l2-normalise, score by the cosine.
 
-    The head owns TWO independent deep copies of the configured pooling module,
-    ``image_pool`` (regions) and ``text_pool`` (words), made by :meth:`bind_pooling` (which
-    :class:`~itm.models.similarity.Similarity` calls), so Similarity keeps no unused copy
+    The head owns one pooling module per side, ``image_pool`` (regions) and ``text_pool``
+    (words): the module given for that side (``image_pooling`` / ``text_pooling``, the config
+    groups of the same names; VSRN pools regions with ``gru_last`` and words with ``last``), or
+    else an independent deep copy of the configured ``pooling``, made by :meth:`bind_pooling`
+    (which :class:`~itm.models.similarity.Similarity` calls), so Similarity keeps no unused copy
     (``pooling_role = "features"``). Works with any :class:`~itm.models.pooling.SetPooling`
-    (``gpo`` as in VSE-infinity, or ``avg`` / ``max``). VSE-infinity pools UN-normalised features: its recipes
-    set the encoders' ``norm: false``.
+    (``gpo`` as in VSE-infinity, ``avg`` / ``max``, ``gru_last`` / ``last``). VSE-infinity
+    pools UN-normalised features: its recipes set the encoders' ``norm: false``.
 
     Used without Similarity and without :meth:`bind_pooling`, the ``pooling`` argument of
-    :meth:`forward` pools both modalities (shared module).
+    :meth:`forward` pools each side that has no module of its own.
+
+    Args:
+        image_pooling: the region pooling (None: a copy of ``pooling``).
+        text_pooling: the word pooling (None: a copy of ``pooling``).
     """
 
     pooling_role = "features"
@@ -37,27 +43,35 @@ class GlobalAlign(AlignHead):
         "computes in about a second even for COCO 5K, while bf16 moves R@1 by a point"
     )
 
-    def __init__(self) -> None:
+    def __init__(
+        self, image_pooling: nn.Module | None = None, text_pooling: nn.Module | None = None
+    ) -> None:
         super().__init__()
-        self.image_pool: nn.Module | None = None
-        self.text_pool: nn.Module | None = None
+        self.image_pool: nn.Module | None = image_pooling
+        self.text_pool: nn.Module | None = text_pooling
 
     def bind_pooling(self, pooling: nn.Module | None) -> None:
-        """Keep two independent copies of ``pooling``: ``image_pool`` and ``text_pool``."""
-        if pooling is None:
-            raise ValueError("the global head pools fragment features: it needs a pooling")
-        self.image_pool = copy.deepcopy(pooling)
-        self.text_pool = copy.deepcopy(pooling)
+        """Give each side without a pooling of its own an independent copy of ``pooling``."""
+        if pooling is None and (self.image_pool is None or self.text_pool is None):
+            raise ValueError(
+                "the global head pools fragment features: it needs a pooling (or both "
+                "image_pooling and text_pooling)"
+            )
+        if self.image_pool is None:
+            self.image_pool = copy.deepcopy(pooling)
+        if self.text_pool is None:
+            self.text_pool = copy.deepcopy(pooling)
 
     def _pools(self, pooling: nn.Module | None) -> tuple[nn.Module, nn.Module]:
-        if self.image_pool is not None and self.text_pool is not None:
-            return self.image_pool, self.text_pool
-        if pooling is None:
+        """(image pooling, text pooling): each side's own, else ``pooling``."""
+        if (self.image_pool is None or self.text_pool is None) and pooling is None:
             raise RuntimeError(
                 "GlobalAlign has no pooling: call bind_pooling(pooling) (Similarity does) "
                 "or pass a pooling module to forward"
             )
-        return pooling, pooling
+        image = self.image_pool if self.image_pool is not None else pooling
+        text = self.text_pool if self.text_pool is not None else pooling
+        return image, text
 
     def image_vectors(
         self, img: Tensor, img_mask: Tensor, pooling: nn.Module | None = None

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from itm.models.encoders.augment import augment_words
 from itm.models.functional import l2n
 
-__all__ = ["BertTextEncoder", "read_bert_vocab"]
+__all__ = ["BertTextEncoder", "load_local_bert", "read_bert_vocab"]
 
 _BRACKETED = re.compile(r"^\[[^\]]*\]$")  # [PAD], [UNK], [unused42], ...
 
@@ -30,6 +30,33 @@ def _missing_path_error(path: str) -> FileNotFoundError:
         else ""
     )
     return FileNotFoundError(f"BERT directory {path!r} does not exist{hint}")
+
+
+def load_local_bert(path: str) -> nn.Module:
+    """A ``BertModel`` (without its pooler) from the local directory ``path``; nothing is
+    downloaded.
+
+    Raises:
+        FileNotFoundError: naming ``path`` when the directory or its ``config.json`` is missing.
+        ValueError: naming ``path`` when transformers cannot load a model from it.
+    """
+    directory = Path(path).expanduser()
+    # "" would resolve to the working directory: an unset path, not a directory
+    if path.strip() in ("", "???") or not directory.is_dir():
+        raise _missing_path_error(path)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(
+            f"BERT directory {path!r} has no config.json (expected a BertModel saved with "
+            "save_pretrained)"
+        )
+    from transformers import BertModel
+
+    try:
+        return BertModel.from_pretrained(
+            str(directory), local_files_only=True, add_pooling_layer=False
+        )
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load a BertModel from {path!r}: {e}") from e
 
 
 def read_bert_vocab(path: str | Path) -> tuple[list[str], str]:
@@ -97,22 +124,7 @@ class BertTextEncoder(nn.Module):
             raise ValueError(f"word_aug must lie in [0, 1], got {word_aug}")
         path = str(path)
         directory = Path(path).expanduser()
-        # "" would resolve to the working directory: an unset path, not a directory
-        if path.strip() in ("", "???") or not directory.is_dir():
-            raise _missing_path_error(path)
-        if not (directory / "config.json").is_file():
-            raise FileNotFoundError(
-                f"BERT directory {path!r} has no config.json (expected a BertModel saved with "
-                "save_pretrained)"
-            )
-        from transformers import BertModel
-
-        try:
-            self.bert = BertModel.from_pretrained(
-                str(directory), local_files_only=True, add_pooling_layer=False
-            )
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot load a BertModel from {path!r}: {e}") from e
+        self.bert = load_local_bert(path)
         self.path, self.embed_size, self.norm = path, embed_size, norm
         self.lr_mult, self.word_aug = float(lr_mult), float(word_aug)
         self.pad_id = int(self.bert.config.pad_token_id or 0)
