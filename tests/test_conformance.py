@@ -133,3 +133,27 @@ def test_a_new_head_is_picked_up_from_one_file_and_one_config(tmp_path, monkeypa
     sim = C.build_head("mean_best", conf)
     C.check_head(sim)
     sys.modules.pop("throwaway_head", None)
+
+
+@pytest.mark.parametrize(
+    ("kind", "name"),
+    [("image_encoder", n) for n in IMAGE_ENCODERS] + [("text_encoder", n) for n in TEXT_ENCODERS],
+)
+def test_an_encoder_is_built_in_train_mode(kind, name, tiny_bert):
+    """Lightning keeps each submodule's mode through training: a part built in eval mode (a
+    pretrained model's from_pretrained) would train without its dropout."""
+    from hydra.utils import instantiate
+    from omegaconf import open_dict
+
+    with C.hydra_config() as compose:
+        node = compose([f"model/{kind}={name}", f"model.embed_size={C.D}"]).model[kind]
+        with open_dict(node):
+            for key, value in {"img_dim": C.IMG_DIM, "vocab_size": C.VOCAB}.items():
+                if key in node:
+                    node[key] = value
+            if "path" in list(node.keys()):
+                node["path"] = str(tiny_bert)
+        enc = instantiate(node)
+    assert all(m.training for m in enc.modules()), [
+        type(m).__name__ for m in enc.modules() if not m.training
+    ]

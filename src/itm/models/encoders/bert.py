@@ -33,8 +33,12 @@ def _missing_path_error(path: str) -> FileNotFoundError:
 
 
 def load_local_bert(path: str) -> nn.Module:
-    """A ``BertModel`` (without its pooler) from the local directory ``path``; nothing is
-    downloaded.
+    """A ``BertModel`` (without its pooler) from the local directory ``path``, in train mode;
+    nothing is downloaded.
+
+    ``from_pretrained`` returns eval mode, and Lightning keeps a submodule's mode through
+    training, so without the switch BERT would fine-tune with its dropout off (the authors train
+    with it on); the enclosing module's ``train()`` / ``eval()`` still switch it.
 
     Raises:
         FileNotFoundError: naming ``path`` when the directory or its ``config.json`` is missing.
@@ -52,11 +56,12 @@ def load_local_bert(path: str) -> nn.Module:
     from transformers import BertModel
 
     try:
-        return BertModel.from_pretrained(
+        bert = BertModel.from_pretrained(
             str(directory), local_files_only=True, add_pooling_layer=False
         )
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load a BertModel from {path!r}: {e}") from e
+    return bert.train()
 
 
 def read_bert_vocab(path: str | Path) -> tuple[list[str], str]:

@@ -92,9 +92,6 @@ class BertCNNTextEncoder(nn.Module):
         self.sep_id = self._sep_id(Path(path).expanduser(), config)
         if self.freeze:
             self.bert.requires_grad_(False)
-        # from_pretrained returns eval mode, which Lightning would keep through training; the
-        # authors train with BERT's dropout on (eval() / train() of this module still switch it)
-        self.bert.train()
         hidden = config.hidden_size
         self.convs = nn.ModuleList(nn.Conv2d(1, channels, (k, hidden)) for k in self.kernel_sizes)
         self.dropout = nn.Dropout(dropout)
