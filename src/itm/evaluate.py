@@ -280,8 +280,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     title = "ensemble of " + ", ".join(sources) if len(sources) > 1 else sources[0]
     for name, metrics in results.items():
-        print(f"\n{format_metrics_table(metrics, title=name)}", flush=True)
-    print(f"({title}; split {split}; {sims.shape[0]} images x {sims.shape[1]} captions)")
+        log.info("\n%s", format_metrics_table(metrics, title=name))
+    log.info("(%s; split %s; %d images x %d captions)", title, split, *sims.shape)
     payload = {
         "protocol": protocol,
         "split": split,
@@ -297,7 +297,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     _atomic_write(
         out_dir / "results.md", lambda tmp: Path(tmp).write_text(results_markdown(md, title))
     )
-    print(f"results: {out_dir / 'results.json'}, {out_dir / 'results.md'}", flush=True)
+    log.info("results: %s, %s", out_dir / "results.json", out_dir / "results.md")
     return {f"{name}/{k}": float(m[k]) for name, m in results.items() for k in METRIC_KEYS}
 
 
