@@ -76,10 +76,11 @@ def hydra_job_command(local_rank: int) -> tuple[Sequence[str], str]:
     import __main__
 
     hc = HydraConfig.get()
-    if getattr(__main__, "__spec__", None) is None:
+    spec = getattr(__main__, "__spec__", None)
+    if spec is None:
         command = [sys.executable, to_absolute_path(sys.argv[0])]
     else:
-        command = [sys.executable, "-m", __main__.__spec__.name]
+        command = [sys.executable, "-m", spec.name]
     command += hydra_config_flags(sys.argv[1:])
     command += [str(o) for o in hc.overrides.task]
     command += [str(o) for o in hc.overrides.hydra if str(o).lstrip("+~").startswith(_KEEP_HYDRA)]
@@ -145,7 +146,7 @@ def release_job_processes(trainer: Any, failed: bool = False, timeout: float = 3
 
     launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
     procs = list(getattr(launcher, "procs", None) or [])
-    if not procs or failed:
+    if launcher is None or not procs or failed:
         return
     for proc in procs:
         proc.wait(timeout=timeout)

@@ -76,7 +76,7 @@ def hydra_sweep_group_and_name() -> tuple[str | None, str | None]:
         return None, None
     group = f"{hc.job.name}-{Path(str(hc.sweep.dir)).name}"
     overrides = str(hc.job.override_dirname or "")
-    num = hc.job.get("num", 0)
+    num = hc.job.num
     name = f"{num}-{overrides}" if overrides else f"job{num}"
     return group, re.sub(r"\s+", "", name)[:120]
 

@@ -131,11 +131,11 @@ def load_csv_runs(root: str | Path) -> list[Run]:
     runs = []
     for job in _job_dirs(Path(root), "csv/metrics.csv"):
         with open(job / "csv" / "metrics.csv", newline="") as fh:
-            raw = [
+            raw: list[dict[str, Any]] = [
                 {k: _num(v) for k, v in row.items() if v not in ("", None)}
                 for row in csv.DictReader(fh)
             ]
-        history: list[dict[str, float]] = []
+        history: list[dict[str, Any]] = []
         for row in raw:
             if history and history[-1].get("step") == row.get("step"):
                 history[-1].update(row)
@@ -216,7 +216,7 @@ def read_wandb_records(path: str | Path) -> Iterator[Any]:
             f"reader knows {_KNOWN_HEADER!r}); {_FORMAT_HINT}"
         )
     for payload in _log_records(data):
-        record = pb.Record()
+        record = pb.Record()  # type: ignore[attr-defined]  # generated protobuf module
         try:
             record.ParseFromString(payload)
         except DecodeError as err:

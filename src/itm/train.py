@@ -6,6 +6,7 @@ import logging
 
 import lightning.pytorch as pl
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from itm.checkpoint import prepare_resume, resolve_resume_path
@@ -102,7 +103,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         ckpt_path = resolve_resume_path(cfg)  # ckpt_path=last -> the newest last.ckpt
         dm = build_datamodule(cfg)
-        model = ITMModule(OmegaConf.to_container(cfg.model, resolve=True))
+        model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+        assert isinstance(model_cfg, dict)
+        model = ITMModule(model_cfg)
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
         resumed: dict = {}
         if ckpt_path is not None:  # readable, same architecture; checkpoints continue in place
@@ -124,6 +127,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
         metrics: dict[str, float] = {}
         ckpt_cb = trainer.checkpoint_callback
+        if not isinstance(ckpt_cb, ModelCheckpoint):  # none configured
+            ckpt_cb = None
         if ckpt_cb is not None and ckpt_cb.best_model_score is not None:
             metrics["dev/best_rsum"] = float(ckpt_cb.best_model_score)
         elif "dev/rsum" in trainer.callback_metrics:

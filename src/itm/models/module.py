@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -200,7 +200,9 @@ class ITMModule(pl.LightningModule):
             img_lens,
             cap,
             cap_lens,
-            all_gather=lambda t, sync_grads: self.all_gather(t, sync_grads=sync_grads),
+            all_gather=lambda t, sync_grads: cast(
+                Tensor, self.all_gather(t, sync_grads=sync_grads)
+            ),
             rank=self.global_rank,
             margin=self.criterion.margin,
             max_violation=max_violation,

@@ -340,7 +340,8 @@ def attend_cosine_fused(
     qsq = query_sq.to(torch.float32).contiguous()
     out = s.new_empty(bc, bq, lq)
     slope = 0.1 if kind == "clipped_l2norm" else 1.0
-    args = (s.data_ptr(), kc, lq, bq, gram.data_ptr(), gram.stride(0), mask.data_ptr())
+    args: tuple[int | float, ...] = (s.data_ptr(), kc, lq, bq, gram.data_ptr(), gram.stride(0))
+    args += (mask.data_ptr(),)
     args += (qsq.data_ptr(), slope, float(lambda_softmax), out.data_ptr())
     n_threads = max(1, min(torch.get_num_threads(), bc))
     if n_threads == 1:

@@ -1,4 +1,4 @@
-"""BERT caption encoder loaded from a local checkpoint directory (methods.md section 1).
+"""BERT caption encoder loaded from a local checkpoint directory (docs/foundations.md, "Feature encoders").
 
 ``transformers`` is imported when an encoder is built, not when this module is imported, so
 ``import itm.models`` stays fast (importing transformers costs ~4 s on the project machines).
