@@ -56,8 +56,8 @@ lint: install
 # The declared lower bounds (pyproject.toml) installed in $(MIN_VENV), then the fast tests on them.
 # torch stays this machine's build ($(TORCH_SPEC)): its bound (2.4) is not installed here.
 MIN_VENV ?= .venv-min
-MIN_PINS := lightning==2.6.0 hydra-core==1.3.2 omegaconf==2.3.0 torchmetrics==1.3.0 \
-  wandb==0.17.0 transformers==5.0.0 h5py==3.10.0 numpy==1.26.0 PyYAML==6.0.1 rich==13.0.0 \
+MIN_PINS := lightning==2.6.0 hydra-core==1.3.2 omegaconf==2.3.0 torchmetrics==1.3.1 \
+  wandb==0.17.0 transformers==5.3.0 h5py==3.10.0 numpy==1.26.0 PyYAML==6.0.1 rich==13.0.0 \
   matplotlib==3.8.0
 test-min:
 	test -x $(MIN_VENV)/bin/python || $(PYTHON) -m venv $(MIN_VENV)

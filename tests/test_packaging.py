@@ -68,7 +68,7 @@ def test_wheel_carries_configs_kernel_source_and_entry_points(tmp_path):
     for script in ("itm-train = itm.cli:train_main", "itm-eval = itm.cli:eval_main"):
         assert script in entry
     # the declared lower bounds (see pyproject.toml) and the extras built into `dev`
-    for req in ("lightning<2.7,>=2.6", "torch>=2.4", "transformers>=5.0", "PyYAML>=6.0"):
+    for req in ("lightning<2.7,>=2.6", "torch>=2.4", "transformers>=5.3", "PyYAML>=6.0"):
         assert f"Requires-Dist: {req}" in metadata, req
     assert re.search(r"Requires-Dist: itm\[.*tensorboard.*\]; extra == \"dev\"", metadata)
 

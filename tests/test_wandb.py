@@ -90,7 +90,8 @@ def test_offline_run_holds_metrics_config_summary_and_alignment_images(compose, 
         assert f"{split}/rsum" in keys
         for k in RECALL:
             assert f"{split}/{k}" in keys, (split, k)
-    assert "dev/alignment" in {k.rsplit("/", 1)[0] for k in keys if k.startswith("dev/alignment")}
+    # (an image list's history key: dev/alignment itself, or nested below it in newer wandb)
+    assert any(k == "dev/alignment" or k.startswith("dev/alignment/") for k in keys), keys
     # the resolved config, nested
     assert run.config["model"]["align"]["_target_"].endswith("SCAN")
     assert run.config["trainer"]["max_epochs"] == 2
@@ -145,7 +146,7 @@ def test_authentication_is_left_to_wandb(compose, tmp_path, monkeypatch):
     itm must not force the run offline; wandb decides (and its failure becomes one clear
     error naming the fixes)."""
     from itm.errors import UserError
-    from itm.loggers import WandbSetupError, instantiate_loggers
+    from itm.loggers import WandbLogger, WandbSetupError, instantiate_loggers
 
     for var in ("WANDB_MODE", "WANDB_API_KEY"):
         monkeypatch.delenv(var, raising=False)
@@ -153,7 +154,7 @@ def test_authentication_is_left_to_wandb(compose, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.internal")
     monkeypatch.setenv("WANDB_IDENTITY_TOKEN_FILE", str(tmp_path / "token.jwt"))
     cfg = _cfg(compose, tmp_path)
-    (logger,) = instantiate_loggers(cfg.logger)
+    (logger,) = [lg for lg in instantiate_loggers(cfg.logger) if isinstance(lg, WandbLogger)]
     assert not logger.is_offline and "mode" not in logger._wandb_init
     assert logger.run_id is None  # nothing started yet
 
