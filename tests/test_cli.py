@@ -228,3 +228,12 @@ def test_single_process_runs_do_not_touch_the_launcher(compose):
 
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     assert not needs_hydra_ddp_launcher(trainer)
+
+
+def test_config_dir_is_the_packaged_config_directory():
+    from pathlib import Path
+
+    from itm.cli import config_dir
+
+    assert Path(config_dir()).resolve() == CONF_DIR.resolve()  # editable install: the checkout's
+    assert (Path(config_dir()) / "train.yaml").is_file()

@@ -30,6 +30,7 @@ __all__ = [
     "CONFIG_MODULE",
     "ConsoleFormatter",
     "check_extras",
+    "config_dir",
     "eval_main",
     "normalize_argv",
     "objective",
@@ -50,6 +51,15 @@ _EXTRA_OPTIONS = (
     ("hydra/launcher=submitit", "hydra_plugins.hydra_submitit_launcher", "slurm"),
     ("logger=tensorboard", "tensorboard", "tensorboard"),
 )
+
+
+def config_dir() -> str:
+    """The directory of itm's own configs (the installed package ``itm.conf``; in an editable
+    install the checkout's ``conf/``), for Hydra's compose API (``initialize_config_dir``).
+    ``initialize_config_module(config_module=CONFIG_MODULE)`` reads the same files."""
+    import importlib.resources
+
+    return str(importlib.resources.files(CONFIG_MODULE))
 
 
 class ConsoleFormatter(logging.Formatter):
