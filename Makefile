@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install train test test-all bench lint format clean
+.PHONY: install train test test-all test-min bench lint format clean
 
 install: $(STAMP)
 
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	  echo "torch already installed: $$($(PY) -c 'import torch; print(torch.__version__)')"; \
 	elif command -v nvidia-smi >/dev/null 2>&1; then \
 	  echo "GPU found: installing the default (CUDA) torch build"; \
-	  $(PY) -m pip install -q "torch>=2.3"; \
+	  $(PY) -m pip install -q "torch>=2.4"; \
 	else \
 	  echo "no GPU: installing the CPU torch build ($(TORCH_SPEC))"; \
 	  $(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
@@ -47,14 +47,30 @@ BENCH ?=
 bench: install
 	$(PY) bench/run.py $(BENCH)
 
+# ruff (lint + format check) and mypy (the level set in pyproject.toml [tool.mypy])
 lint: install
 	$(PY) -m ruff check src tests bench *.py
 	$(PY) -m ruff format --check src tests bench *.py
+	$(PY) -m mypy
+
+# The declared lower bounds (pyproject.toml) installed in $(MIN_VENV), then the fast tests on them.
+# torch stays this machine's build ($(TORCH_SPEC)): its bound (2.4) is not installed here.
+MIN_VENV ?= .venv-min
+MIN_PINS := lightning==2.6.0 hydra-core==1.3.2 omegaconf==2.3.0 torchmetrics==1.3.1 \
+  wandb==0.17.0 transformers==5.3.0 h5py==3.10.0 numpy==1.26.0 PyYAML==6.0.1 rich==13.0.0 \
+  matplotlib==3.8.0
+test-min:
+	test -x $(MIN_VENV)/bin/python || $(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MIN_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(MIN_VENV)/bin/python -m pip install -q -e ".[dev]" $(MIN_PINS)
+	$(MIN_VENV)/bin/python -m pip list 2>/dev/null | grep -iE "^(torch|lightning|hydra-core|omegaconf|torchmetrics|wandb|transformers|h5py|numpy|pyyaml|rich|matplotlib) "
+	$(MIN_VENV)/bin/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 format: install
 	$(PY) -m ruff format src tests bench *.py
 	$(PY) -m ruff check --fix src tests bench *.py
 
 clean:
-	rm -rf outputs multirun wandb .pytest_cache .ruff_cache build dist src/*.egg-info
+	rm -rf outputs multirun wandb .pytest_cache .ruff_cache .mypy_cache build dist src/*.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

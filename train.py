@@ -1,19 +1,9 @@
-"""Train an image-text matching model: ``python train.py model/align=chan pooling=lse``."""
+"""Train an image-text matching model: ``python train.py model/align=chan pooling=lse``.
 
-import sys
+The same entry point as the console script ``itm-train`` (:func:`itm.cli.train_main`).
+"""
 
-import hydra
-from omegaconf import DictConfig
-
-from itm.cli import normalize_argv, objective
-from itm.train import train
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    return objective(train(cfg), cfg)
-
+from itm.cli import train_main
 
 if __name__ == "__main__":
-    sys.argv = normalize_argv(sys.argv)
-    main()
+    train_main()

@@ -185,7 +185,7 @@ def check_float32(sim: Similarity, atol: float = 1e-4) -> None:
     scale = max(1.0, float(ref.abs().max()))
     single = copy.deepcopy(sim).float()
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # performance.md: the float32 trap of this CPU build
+    torch.set_num_threads(1)  # docs/numerics.md: the float32 trap of this CPU build
     try:
         with torch.no_grad():
             direct = single(img.float(), il, cap.float(), cl)

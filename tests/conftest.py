@@ -23,7 +23,7 @@ CONF_DIR = ROOT / "conf"
 
 
 def _warm_up_float32() -> None:
-    """performance.md: the first exp/log/sqrt/tanh/pow after a matrix product in a fresh
+    """docs/numerics.md: the first exp/log/sqrt/tanh/pow after a matrix product in a fresh
     2-thread process can be off by 3e-4 relative in float32; a warm-up call avoids it."""
     a = torch.randn(1024, 1024)
     b = a @ a

@@ -157,7 +157,7 @@ def test_inputs_are_not_modified():
 
 
 def test_float32_close_to_float64():
-    torch.set_num_threads(1)  # performance.md: the fp32 trap of this CPU build
+    torch.set_num_threads(1)  # docs/numerics.md: the fp32 trap of this CPU build
     try:
         img, il, cap, cl = _data(seed=7, n_img=9, n_cap=14, d=32)
         for name in ("scan_t2i_lse", "scan_i2t_avg", "bfan_equal_both", "chan_t2i"):
@@ -263,7 +263,7 @@ def test_fast_path_does_not_overflow_with_unnormalised_features(direction, scale
     """Encoders with ``norm: false`` give fragments of any size: at the fast path's largest
     temperature the unnormalised ``w^T G w ~ Z^2 |c|^2`` overflowed float32 (inf, then cosines
     of 0 or 1e22) before the Gram matrices of large sets were scaled by a power of 4."""
-    torch.set_num_threads(1)  # performance.md: the fp32 trap of this CPU build
+    torch.set_num_threads(1)  # docs/numerics.md: the fp32 trap of this CPU build
     try:
         img, il, cap, cl = _data(seed=12, n_img=4, n_cap=6, k=6, n_words=7, d=16)
         img, cap = img * scale, cap * scale

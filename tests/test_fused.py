@@ -1,12 +1,18 @@
 """The fused C kernel of SCAN's soft attention (``itm.models.align.fused``): equal to the tensor
 kernel and to the naive NumPy reference on padded blocks (garbage in the padding, tails of
-fewer than 16 query sets, one-item sets), thread-count independent, and a clean fallback when
-it is disabled or cannot be built."""
+fewer than 16 query sets, one-item sets), thread-count independent, a clean fallback when it is
+disabled or cannot be built, and a safe cache: keyed by the CPU's real features (Linux and
+macOS), a fallback directory when the cache is unusable, one build for processes starting
+together, a working thread pool in a forked child."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import threading
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -244,7 +250,8 @@ def test_compile_error_names_the_compiler(tmp_path, monkeypatch):
     monkeypatch.setenv("ITM_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(RuntimeError, match="failed to build bad.c"):
         fused.build()
-    assert not any((tmp_path / "cache" / "kernels").iterdir())  # nothing half-written
+    left = [p.name for p in (tmp_path / "cache" / "kernels").iterdir()]
+    assert not [n for n in left if not n.endswith(".lock")], left  # nothing half-written
 
 
 def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
@@ -253,7 +260,8 @@ def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
     assert first.parent == tmp_path / "kernels" and first.suffix == ".so"
     mtime = first.stat().st_mtime_ns
     assert fused.build() == first and first.stat().st_mtime_ns == mtime  # reused, not rebuilt
-    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary left
+    files = sorted(p.name for p in first.parent.iterdir())
+    assert files == [f".{first.name}.lock", first.name]  # no temporary left (the lock stays)
     assert os.access(first, os.R_OK)
 
 
@@ -269,3 +277,165 @@ def test_workspace_memo_follows_its_key():
     assert ws.memo("x", (0, 4), make) is a and len(built) == 1
     assert ws.memo("x", (4, 8), make) is not a and len(built) == 2
     assert ws.nbytes == 3 * 4  # only the latest key's tensor is kept
+
+
+# --- the kernel cache: CPU key, unusable cache, concurrent builds, fork ---------------------------
+
+
+def test_cache_key_follows_the_cpu_features(monkeypatch):
+    """A kernel built for another CPU (other feature flags, or other -march=native macros, e.g.
+    AVX-512 vs not) has another file name: it is never loaded here."""
+    cc = fused._compiler()
+    here = fused.kernel_name(cc)
+    assert fused.kernel_name(cc) == here  # stable
+    monkeypatch.setattr(fused, "cpu_features", lambda: "flags: fpu sse2 avx2")
+    no512 = fused.kernel_name(cc)
+    monkeypatch.setattr(fused, "cpu_features", lambda: "flags: fpu sse2 avx2 avx512f")
+    with512 = fused.kernel_name(cc)
+    assert len({here, no512, with512}) == 3
+    monkeypatch.setattr(fused, "native_macros", lambda cc: "#define __AVX2__ 1")
+    assert fused.kernel_name(cc) != with512
+
+
+def test_native_macros_name_the_instruction_sets():
+    macros = fused.native_macros(fused._compiler())
+    assert "#define __" in macros
+    if "avx512f" in fused.cpu_features().split():  # the compiler sees what the CPU has
+        assert "__AVX512F__" in macros
+
+
+def test_cpu_features_on_linux_x86_and_arm(tmp_path):
+    x86 = tmp_path / "x86"
+    x86.write_text(
+        "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Xeon X\n"
+        "flags\t\t: fpu avx2 avx512f\n\nprocessor\t: 1\nflags\t\t: fpu\n"
+    )
+    text = fused.read_cpuinfo(x86)
+    assert "flags: fpu avx2 avx512f" in text and "model name: Xeon X" in text
+    assert "flags: fpu\n" not in text + "\n"  # the first processor only
+    arm = tmp_path / "arm"
+    arm.write_text(
+        "processor\t: 0\nFeatures\t: fp asimd sve\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\n"
+    )
+    assert (
+        fused.read_cpuinfo(arm) == "cpu implementer: 0x41\ncpu part: 0xd0c\nfeatures: fp asimd sve"
+    )
+
+
+def test_cpu_features_on_macos(monkeypatch):
+    answers = {
+        "machdep.cpu.brand_string": "Intel(R) Core(TM) i9",
+        "machdep.cpu.features": "FPU SSE2 AVX1.0",
+        "machdep.cpu.leaf7_features": "AVX2 AVX512F",
+        "hw.optional": "hw.optional.avx512f: 1",
+    }
+    calls = []
+
+    def sysctl(cmd):
+        calls.append(cmd)
+        return answers[cmd[-1]] + "\n"
+
+    monkeypatch.setattr(fused.platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(fused, "_run", sysctl)
+    text = fused.cpu_features()
+    assert all(cmd[0] == "sysctl" for cmd in calls)
+    for value in answers.values():
+        assert value in text
+
+
+def test_unusable_cache_falls_back_to_a_private_directory(tmp_path, monkeypatch, caplog):
+    """ITM_CACHE_DIR that cannot be created (here: below a regular file; a read-only file
+    system behaves alike) -> the kernel is built in the per-user temporary directory."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("ITM_CACHE_DIR", str(blocker / "cache"))
+    monkeypatch.setattr(fused.tempfile, "tempdir", str(tmp_path / "tmp"))
+    with caplog.at_level("WARNING", logger="itm"):
+        out = fused.build()
+    assert out.parent == fused.fallback_cache_dir() and out.is_file()
+    assert str(tmp_path / "tmp") in str(out)
+    assert (out.parent.parent.stat().st_mode & 0o077) == 0  # private to this user
+    assert (out.parent.stat().st_mode & 0o077) == 0
+    assert "not-a-dir" in caplog.text  # says why
+    assert fused.build() == out  # found there next time
+
+
+def test_a_foreign_fallback_directory_is_refused(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("ITM_CACHE_DIR", str(blocker / "cache"))
+    monkeypatch.setattr(fused.tempfile, "tempdir", str(tmp_path / "tmp"))
+    shared = fused.fallback_cache_dir()
+    shared.mkdir(parents=True)
+    shared.chmod(0o777)  # others could plant a library there
+    with pytest.raises(RuntimeError, match="no writable kernel cache"):
+        fused.build()
+
+
+CC_SPY = """#!/bin/sh
+# counts compilations (the -shared call), then runs the real compiler
+case " $* " in *" -shared "*) echo build >> "{log}"; sleep 1;; esac
+exec "{cc}" "$@"
+"""
+
+BUILDER = """
+import sys
+from itm.models.align import fused
+print(fused.build())
+"""
+
+
+def test_processes_starting_together_build_once(tmp_path):
+    log = tmp_path / "builds.log"
+    spy = tmp_path / "cc"
+    spy.write_text(CC_SPY.format(log=log, cc=fused._compiler()))
+    spy.chmod(0o755)
+    env = {**os.environ, "CC": str(spy), "ITM_CACHE_DIR": str(tmp_path / "cache")}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", BUILDER], env=env, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
+    paths = {p.communicate(timeout=300)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert len(paths) == 1 and Path(paths.pop()).is_file()
+    assert log.read_text().split() == ["build"]  # one compilation, the others waited
+
+
+def _score_in_child(queue, args):
+    torch.set_num_threads(2)
+    out = fused.attend_cosine_fused(*args, "clipped_l2norm", 9.0)
+    queue.put((fused._pool_size, out.numpy()))  # by value (a tensor would pass a handle)
+
+
+def test_forked_child_gets_a_working_thread_pool():
+    """The parent's pool threads do not exist in a forked child: the child must start its own
+    (without the at-fork reset it waits forever on the inherited pool)."""
+    import multiprocessing as mp
+
+    s, ctx, ctx_mask, q_sq, _ = _block(7, 6, 9, 4, 20)
+    args = (s.float(), 20, gram_with_ones(ctx, ctx_mask).float(), ctx_mask, q_sq.float())
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        want = fused.attend_cosine_fused(*args, "clipped_l2norm", 9.0)
+    finally:
+        torch.set_num_threads(threads)
+    # both workers of the parent's pool alive at the fork (a pool that never filled up would
+    # start a thread in the child and hide the problem)
+    barrier = threading.Barrier(2)
+    list(fused._executor(2).map(lambda _: barrier.wait(timeout=30), range(2)))
+    assert fused._pool is not None and fused._pool_size == 2
+    context = mp.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_score_in_child, args=(queue, args))
+    child.start()
+    try:
+        pool_size, got = queue.get(timeout=30)
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+    assert child.exitcode == 0
+    assert pool_size == 2 and np.array_equal(got, want.numpy())

@@ -1,4 +1,4 @@
-"""The `global` head (VSE-infinity, methods.md sections 1 and 7): per-modality pooling of the
+"""The `global` head (VSE-infinity, docs/vse_infinity.md): per-modality pooling of the
 fragment features, l2-normalisation, cosine."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""GPO (VSE-infinity's generalized pooling, methods.md section 7) against the reference fixture
+"""GPO (VSE-infinity's generalized pooling, docs/vse_infinity.md) against the reference fixture
 ``gpo_pool.npz`` (woodfrog/vse_infty ``GPO(32, 32)``, float32, atol 1e-5), plus masking, shape and
 gradient properties."""
 

@@ -170,7 +170,7 @@ def _fixture_encoder(dtype=torch.float64):
         int(f["img_dim"]), int(f["embed_size"]), int(f["grid"]), int(f["top_blocks"]),
         int(f["pos_dim"]),
     )  # fmt: skip
-    # the contract names <- the authors' state_dict names (architecture.md, wave 2)
+    # the contract names <- the authors' state_dict names (docs/pfan.md)
     names = {"fc": "fc", "fc_att": "fc_att", "pos_embed": "position_embedding"}
     state = {
         f"{ours}.{p}": torch.as_tensor(f[f"{theirs}.{p}"])

@@ -73,9 +73,12 @@ def test_training_learns_far_above_chance(compose, tmp_path):
     keys = set().union(*(r.keys() for r in rows))
     for k in (
         "train/loss",
+        "train/loss_epoch",
         "train/lr",
         "train/epoch_time_s",
         "train/samples_per_s",
+        "train/dev_time_s",
+        "train/dev_scoring_time_s",
         "dev/rsum",
         "dev/i2t_r1",
         "dev/t2i_medr",
@@ -111,7 +114,8 @@ def test_cli_commands_from_the_issue(tmp_path, args):
     out = run_train_cli([*args, "debug=fast"], tmp_path).stdout
     assert "rsum" in out and "i2t" in out
     # no terminal: one summary line per epoch instead of a progress bar
-    assert re.search(r"^epoch 1/1  loss \d+\.\d+  lr .*  dev rsum \d+\.\d \(best ", out, re.M), out
+    line = r"^epoch 1/1  loss \d+\.\d+  lr \S+  dev rsum \d+\.\d \(best \d+\.\d\)  train \d+\.\d s \(\d+ pairs/s\)  dev \d+\.\d s$"
+    assert re.search(line, out, re.M), out
     runs = list(Path(tmp_path).glob("train/runs/*/checkpoints/best.ckpt"))
     assert len(runs) == 1
 

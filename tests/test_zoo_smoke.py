@@ -89,7 +89,7 @@ def test_every_bert_recipe_runs_a_short_step(tmp_path, tiny_bert):
 
 
 def test_plus_experiment_spelling_selects_the_recipe(tmp_path):
-    """`+experiment=NAME` (architecture.md's spelling) works like `experiment=NAME`."""
+    """`+experiment=NAME` (the spelling of the public contract) works like `experiment=NAME`."""
     from itm.cli import normalize_argv
 
     assert normalize_argv(["train.py", "+experiment=chan_bigru", "+x=1"]) == [

@@ -1,9 +1,13 @@
-"""Training callbacks: rich progress bars (off when not a terminal) and alignment pictures.
+"""Training callbacks: progress bars (off when not a terminal), epoch summaries, alignment pictures.
 
 - :class:`RichProgress`: Lightning's ``RichProgressBar`` that switches itself off when stdout is
-  not a terminal (CI logs, pytest, SLURM output files) unless ``ITM_PROGRESS=1``.
-- :func:`scoring_progress`: a progress callback for block-wise evaluation scoring
-  (``Similarity.score_matrix(..., progress=...)``), shown as a task of the trainer's rich bar.
+  not a terminal (CI logs, pytest, SLURM output files) unless ``ITM_PROGRESS=1``. It also gives
+  the model a progress callback for block-wise evaluation scoring
+  (``ITMModule.scoring_progress``), shown as a task of its bar.
+- :class:`EpochSummary`: one log line per epoch (epoch-mean loss, lr, dev rsum, training and
+  dev time) where no bar is drawn.
+- :class:`EpochClock`: wall time of a training epoch with its validation taken out (the model
+  logs ``train/epoch_time_s`` and ``train/samples_per_s`` from it).
 - :class:`AlignmentImages`: after each validation, logs region-word attention pictures of a few
   fixed dev pairs to every logger that can log images (W&B).
 """
@@ -11,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -23,12 +28,15 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "AlignmentImages",
+    "EpochClock",
     "EpochSummary",
     "RichProgress",
+    "no_progress",
     "progress_enabled",
-    "scoring_progress",
 ]
 
 
@@ -48,8 +56,18 @@ def progress_enabled(setting: bool | str | None = "auto") -> bool:
     )
 
 
+@contextlib.contextmanager
+def no_progress(total: int, description: str = "scoring") -> Iterator[None]:
+    """A scoring progress that shows nothing (the model's default ``scoring_progress``)."""
+    yield None
+
+
 class RichProgress(RichProgressBar):
-    """``RichProgressBar`` that is disabled when not drawing to a terminal.
+    """``RichProgressBar`` that is disabled when not drawing to a terminal, and that shows the
+    model's full-matrix scoring as a task of its bar.
+
+    While attached (``setup`` .. ``teardown``) it sets the model's ``scoring_progress`` (when the
+    model has one, as :class:`~itm.models.module.ITMModule`) to :meth:`scoring_task`.
 
     Args:
         enable: ``"auto"`` (default: on only when stdout is a TTY; ``ITM_PROGRESS`` overrides),
@@ -64,11 +82,88 @@ class RichProgress(RichProgressBar):
         if not progress_enabled(enable):
             self.disable()
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if hasattr(pl_module, "scoring_progress"):
+            setattr(pl_module, "scoring_progress", self.scoring_task)  # noqa: B010 (nn.Module)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        if getattr(pl_module, "scoring_progress", None) == self.scoring_task:
+            setattr(pl_module, "scoring_progress", no_progress)  # noqa: B010
+
+    @contextlib.contextmanager
+    def scoring_task(
+        self, total: int, description: str = "scoring"
+    ) -> Iterator[Callable[[int], None] | None]:
+        """Progress of block-wise scoring (``total`` pairs) as a task of this bar.
+
+        Yields ``progress(n_pairs)`` for ``Similarity.score_matrix(..., progress=...)``, or
+        ``None`` when no bar is drawn (no TTY, not rank 0, not started): then it costs nothing.
+        """
+        progress = self.progress if self.is_enabled else None
+        if progress is None:
+            yield None
+            return
+        task = progress.add_task(f"[cyan]{description}", total=max(int(total), 1))
+
+        def advance(n: int) -> None:
+            progress.update(task, advance=int(n))
+            progress.refresh()
+
+        try:
+            yield advance
+        finally:
+            with contextlib.suppress(Exception):
+                progress.remove_task(task)
+                progress.refresh()
+
+
+class EpochClock:
+    """Wall time of one training epoch with the validation inside it taken out.
+
+    ``start()`` at the epoch's start, ``pause()`` / ``resume()`` around each validation;
+    :attr:`train_seconds` is the time since ``start()`` minus the paused time (so it covers data
+    loading, forward, backward and optimizer steps), :attr:`samples` what the caller counted.
+    """
+
+    def __init__(self) -> None:
+        self._start: float | None = None
+        self._paused = 0.0
+        self._pause_start: float | None = None
+        self.samples = 0
+
+    def start(self) -> None:
+        self._start, self._paused, self._pause_start = time.perf_counter(), 0.0, None
+        self.samples = 0
+
+    def pause(self) -> None:
+        if self._start is not None and self._pause_start is None:
+            self._pause_start = time.perf_counter()
+
+    def resume(self) -> None:
+        if self._pause_start is not None:
+            self._paused += time.perf_counter() - self._pause_start
+            self._pause_start = None
+
+    @property
+    def train_seconds(self) -> float:
+        if self._start is None:
+            return 0.0
+        now = self._pause_start if self._pause_start is not None else time.perf_counter()
+        return now - self._start - self._paused
+
 
 class EpochSummary(Callback):
-    """One line per epoch (``epoch 2/4  loss 0.412  lr 1.0e-03  dev rsum 473.1 (best 473.1)
-    31 s``) where no progress bar is drawn (``make train | tee log``, CI, SLURM logs), so a run
-    written to a file still shows how training goes. Rank 0 only.
+    """One log line per epoch where no progress bar is drawn (``make train | tee log``, CI,
+    SLURM logs), so a run written to a file still shows how training goes. Rank 0 only::
+
+        epoch 2/4  loss 51.2  lr 1.0e-03  dev rsum 473.1 (best 473.1)  train 25.1 s (410 pairs/s)  dev 6.2 s
+
+    ``loss``: ``train/loss_epoch``, the batch-summed loss averaged over the epoch's batches
+    weighted by their sizes; ``lr``: the first parameter group's; ``dev rsum`` and ``dev``
+    (evaluation time) only in epochs that validated; ``train``: the epoch's training time
+    without validation (the model's ``epoch_clock``) and its throughput.
 
     Args:
         enable: ``"auto"`` (default: only when progress bars are off, see
@@ -77,7 +172,7 @@ class EpochSummary(Callback):
 
     def __init__(self, enable: bool | str = "auto") -> None:
         self.enable = enable
-        self._start = 0.0
+        self._validated = False
 
     def _active(self, trainer: pl.Trainer) -> bool:
         if trainer.sanity_checking or not trainer.is_global_zero:
@@ -85,18 +180,20 @@ class EpochSummary(Callback):
         return self.enable if isinstance(self.enable, bool) else not progress_enabled("auto")
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = time.perf_counter()
+        self._validated = False
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._active(trainer):
-            return
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._validated = not trainer.sanity_checking
+
+    def line(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
+        """The summary of the epoch that ends (read from the trainer's metrics)."""
         m = trainer.callback_metrics
         parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"]
-        if "train/loss" in m:
-            parts.append(f"loss {float(m['train/loss']):.4f}")
-        if "train/lr" in m:
-            parts.append(f"lr {float(m['train/lr']):.1e}")
-        if "dev/rsum" in m:
+        if "train/loss_epoch" in m:
+            parts.append(f"loss {float(m['train/loss_epoch']):.4f}")
+        if trainer.optimizers and trainer.optimizers[0].param_groups:
+            parts.append(f"lr {float(trainer.optimizers[0].param_groups[0]['lr']):.1e}")
+        if self._validated and "dev/rsum" in m:
             rsum = float(m["dev/rsum"])
             # the checkpoint callback's best (it updates after this hook; survives a resume)
             ckpt = trainer.checkpoint_callback
@@ -105,42 +202,18 @@ class EpochSummary(Callback):
                 prev = None
             best = rsum if prev is None else max(rsum, float(prev))
             parts.append(f"dev rsum {rsum:.1f} (best {best:.1f})")
-        parts.append(f"{time.perf_counter() - self._start:.0f} s")
-        print("  ".join(parts), flush=True)
+        clock = getattr(pl_module, "epoch_clock", None)
+        if isinstance(clock, EpochClock):
+            seconds = clock.train_seconds
+            rate = clock.samples * trainer.world_size / max(seconds, 1e-9)
+            parts.append(f"train {seconds:.1f} s ({rate:.0f} pairs/s)")
+        if self._validated and "train/dev_time_s" in m:
+            parts.append(f"dev {float(m['train/dev_time_s']):.1f} s")
+        return "  ".join(parts)
 
-
-@contextlib.contextmanager
-def scoring_progress(
-    module: Any, total: int, description: str = "scoring"
-) -> Iterator[Callable[[int], None] | None]:
-    """Progress of block-wise scoring (``total`` pairs) as a task of the trainer's rich bar.
-
-    Yields a callback ``progress(n_pairs)`` for ``Similarity.score_matrix(..., progress=...)``,
-    or ``None`` when no bar is shown (no TTY, not rank 0, no rich bar): then it costs nothing.
-    """
-    trainer = getattr(module, "_trainer", None)
-    bar = getattr(trainer, "progress_bar_callback", None) if trainer is not None else None
-    progress = getattr(bar, "progress", None)
-    if (
-        not isinstance(bar, RichProgressBar)
-        or not bar.is_enabled
-        or progress is None
-        or not trainer.is_global_zero
-    ):
-        yield None
-        return
-    task = progress.add_task(f"[cyan]{description}", total=max(int(total), 1))
-
-    def advance(n: int) -> None:
-        progress.update(task, advance=int(n))
-        progress.refresh()
-
-    try:
-        yield advance
-    finally:
-        with contextlib.suppress(Exception):
-            progress.remove_task(task)
-            progress.refresh()
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._active(trainer):
+            log.info(self.line(trainer, pl_module))
 
 
 @dataclass
@@ -197,7 +270,7 @@ class AlignmentImages(Callback):
             return self._examples
         from itm.viz import token_labels
 
-        dm = trainer.datamodule
+        dm = getattr(trainer, "datamodule", None)
         self._examples = []
         if dm is None or not hasattr(dm, "get_split") or self.n_examples <= 0:
             return self._examples

@@ -1,10 +1,12 @@
 """Checkpoints: atomic writes, exact resume (RNG state), ``ckpt_path=last``, config checks.
 
-- :class:`AtomicCheckpointIO`: the Trainer's checkpoint plugin. A checkpoint is written to a
-  hidden temporary file next to its final name, fsync-ed and renamed (:mod:`itm.io`), so a run
-  killed at any moment leaves either the previous complete ``last.ckpt`` / ``best.ckpt`` or the
-  new one, never a truncated file. Loading prefers ``weights_only=True`` (itm checkpoints hold
-  only tensors and plain Python values: the model config travels as a plain dict / YAML).
+- :class:`AtomicCheckpointIO`: the Trainer's checkpoint plugin (``trainer.plugins`` in
+  ``conf/trainer/default.yaml``). A checkpoint is written to a hidden temporary file next to its
+  final name, fsync-ed and renamed (:mod:`itm.io`), so a run killed at any moment leaves either
+  the previous complete ``last.ckpt`` / ``best.ckpt`` or the new one, never a truncated file.
+  Loading prefers ``weights_only=True`` (itm checkpoints hold only tensors and plain Python
+  values: the model config travels as a plain dict / YAML). ``best.ckpt`` and ``last.ckpt`` come
+  from two stock ``ModelCheckpoint`` callbacks (``conf/callbacks/default.yaml``).
 - RNG state: :func:`collect_rng_state` / :func:`restore_rng_state` store the torch (CPU and
   CUDA), numpy and Python generators in the checkpoint (``ITMModule.on_save_checkpoint``) and
   put them back when ``trainer.fit(ckpt_path=...)`` restores it. Lightning restores the model,
@@ -30,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from itm.io import atomic_write, remove_stale_temps
@@ -41,7 +43,6 @@ __all__ = [
     "RNG_KEY",
     "AtomicCheckpointIO",
     "CheckpointError",
-    "ModelCheckpoint",
     "check_model_config",
     "collect_rng_state",
     "config_differences",
@@ -78,8 +79,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` that writes through a temporary file + fsync + ``os.replace`` and
     loads with ``weights_only=True`` unless told otherwise.
 
-    ``Trainer(plugins=[AtomicCheckpointIO()])`` (``itm.train`` adds it). Remote (fsspec URL)
-    paths fall back to Lightning's own writer.
+    ``Trainer(plugins=[AtomicCheckpointIO()])`` (``trainer.plugins`` of the trainer configs).
+    Remote (fsspec URL) paths fall back to Lightning's own writer.
     """
 
     def save_checkpoint(
@@ -99,31 +100,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             map_location=map_location,
             weights_only=True if weights_only is None else weights_only,
         )
-
-
-class ModelCheckpoint(_LightningModelCheckpoint):
-    """Lightning's ``ModelCheckpoint`` whose ``last.ckpt`` is written at EVERY checkpointing
-    point (each epoch end), not only when a top-k checkpoint was saved.
-
-    Lightning 2.6 refreshes ``last.ckpt`` only in the steps where it also saved a top-k
-    checkpoint, so after the best epoch ``last.ckpt`` stops moving and a resumed run would
-    silently restart from the best epoch instead of the latest one. Same arguments, same
-    ``state_key`` (the class name is kept) as the original.
-    """
-
-    def _refresh_last(self, trainer: Any) -> None:
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._refresh_last(trainer)
-
-    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._refresh_last(trainer)
 
 
 # --- RNG state -----------------------------------------------------------------------------------
@@ -339,7 +315,7 @@ def prepare_resume(ckpt_path: str, model_cfg: Mapping[str, Any], callbacks: list
     here = Path(ckpt_path).resolve().parent
     states = ckpt.get("callbacks") or {}
     for cb in callbacks:
-        if not isinstance(cb, _LightningModelCheckpoint):
+        if not isinstance(cb, ModelCheckpoint):
             continue
         saved = states.get(cb.state_key) or {}
         saved_dir = saved.get("dirpath")
@@ -373,12 +349,3 @@ def resolve_resume_path(cfg: Any) -> str | None:
     except Exception:  # noqa: BLE001 - ${hydra:...} outside a Hydra app
         exclude = None
     return resolve_ckpt_path(ckpt, root, exclude)
-
-
-def use_atomic_checkpoint_io(trainer: Any) -> None:
-    """Make ``trainer`` write checkpoints atomically (:class:`AtomicCheckpointIO`) unless a
-    custom checkpoint plugin was configured."""
-    strategy = trainer.strategy
-    current = getattr(strategy, "_checkpoint_io", None)
-    if current is None or type(current) is TorchCheckpointIO:
-        strategy.checkpoint_io = AtomicCheckpointIO()

@@ -310,13 +310,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     title = "ensemble of " + ", ".join(sources) if len(sources) > 1 else sources[0]
     for name, metrics in results.items():
-        print(f"\n{format_metrics_table(metrics, title=name)}", flush=True)
+        log.info("\n%s", format_metrics_table(metrics, title=name))
     reranked = _protocol_results(sims, protocol, cfg, rerank) if rerank is not None else {}
     rr_tag = "rr ORACLE" if rerank is not None and rerank.oracle else "rr"
     for name, metrics in reranked.items():
-        print(f"\n{rerank.label}", flush=True)
-        print(format_metrics_table(metrics, title=f"{name} {rr_tag}"), flush=True)
-    print(f"({title}; split {split}; {sims.shape[0]} images x {sims.shape[1]} captions)")
+        log.info("\n%s\n%s", rerank.label, format_metrics_table(metrics, title=f"{name} {rr_tag}"))
+    log.info("(%s; split %s; %d images x %d captions)", title, split, *sims.shape)
     payload = {
         "protocol": protocol,
         "split": split,
@@ -345,7 +344,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if rerank is not None:
         md_text += f"\n{rr_tag} = {rerank.label}\n"
     _atomic_write(out_dir / "results.md", lambda tmp: Path(tmp).write_text(md_text))
-    print(f"results: {out_dir / 'results.json'}, {out_dir / 'results.md'}", flush=True)
+    log.info("results: %s, %s", out_dir / "results.json", out_dir / "results.md")
     flat = {f"{name}/{k}": float(m[k]) for name, m in results.items() for k in METRIC_KEYS}
     for name, m in reranked.items():
         flat.update({f"{name}/rr_{k}": float(m[k]) for k in METRIC_KEYS})

@@ -131,11 +131,11 @@ def load_csv_runs(root: str | Path) -> list[Run]:
     runs = []
     for job in _job_dirs(Path(root), "csv/metrics.csv"):
         with open(job / "csv" / "metrics.csv", newline="") as fh:
-            raw = [
+            raw: list[dict[str, Any]] = [
                 {k: _num(v) for k, v in row.items() if v not in ("", None)}
                 for row in csv.DictReader(fh)
             ]
-        history: list[dict[str, float]] = []
+        history: list[dict[str, Any]] = []
         for row in raw:
             if history and history[-1].get("step") == row.get("step"):
                 history[-1].update(row)
@@ -190,16 +190,39 @@ def _log_records(data: bytes) -> Iterator[bytes]:
             chunks = []
 
 
+_KNOWN_HEADER = b":W&B" + struct.pack("<HB", 0xBEE1, 0)  # the log format version this reads
+_FORMAT_HINT = (
+    "read the run through `wandb sync` and the W&B API, or use the CSV log that logger=wandb "
+    "writes beside it (csv/metrics.csv, load_csv_runs)"
+)
+
+
 def read_wandb_records(path: str | Path) -> Iterator[Any]:
-    """Decoded ``wandb_internal_pb2.Record`` messages of a ``run-*.wandb`` file."""
+    """Decoded ``wandb_internal_pb2.Record`` messages of a ``run-*.wandb`` file.
+
+    The one place that decodes wandb's own (undocumented) transaction log: a file of another
+    log format version, or a record the installed wandb cannot decode, raises ValueError saying
+    so and naming the supported ways to read the run instead.
+    """
+    from google.protobuf.message import DecodeError
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = Path(path).read_bytes()
     if not data.startswith(b":W&B"):
         raise ValueError(f"{path}: not a W&B transaction log")
+    if not data.startswith(_KNOWN_HEADER):
+        raise ValueError(
+            f"{path}: a W&B transaction log of an unknown format (header {data[:7]!r}, this "
+            f"reader knows {_KNOWN_HEADER!r}); {_FORMAT_HINT}"
+        )
     for payload in _log_records(data):
-        record = pb.Record()
-        record.ParseFromString(payload)
+        record = pb.Record()  # type: ignore[attr-defined]  # generated protobuf module
+        try:
+            record.ParseFromString(payload)
+        except DecodeError as err:
+            raise ValueError(
+                f"{path}: a record the installed wandb cannot decode ({err}); {_FORMAT_HINT}"
+            ) from err
         yield record
 
 

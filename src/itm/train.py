@@ -6,12 +6,18 @@ import logging
 
 import lightning.pytorch as pl
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from itm.checkpoint import prepare_resume, resolve_resume_path, use_atomic_checkpoint_io
-from itm.distributed import install_hydra_ddp_launcher, release_job_processes
+from itm.checkpoint import prepare_resume, resolve_resume_path
+from itm.distributed import (
+    install_hydra_ddp_launcher,
+    needs_hydra_ddp_launcher,
+    release_job_processes,
+)
+from itm.loggers import WANDB_RUN_KEY, instantiate_loggers
 from itm.models.module import ITMModule
-from itm.utils import format_metrics_table, instantiate_loggers
+from itm.utils import format_metrics_table
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +58,35 @@ def _progress_bar_kwargs(cfg: DictConfig, callbacks: list) -> dict:
 
 
 def finish_loggers(loggers: list, failed: bool = False) -> None:
-    """End every W&B run of ``loggers`` (``wandb.finish``; exit code 1 after a failure)."""
+    """End every W&B run of ``loggers`` (exit code 1 after a failure): itm's loggers through
+    their ``finish``, a plain Lightning ``WandbLogger`` through ``wandb.finish``."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    code = 1 if failed else 0
+    plain_wandb = False
     for lg in loggers:
         finish = getattr(lg, "finish", None)
         if callable(finish):
-            finish(exit_code=1 if failed else 0)
-            continue
-        exp = getattr(lg, "_experiment", None)  # a plain Lightning WandbLogger
-        if "Wandb" in type(lg).__name__ and exp is not None and hasattr(exp, "finish"):
-            exp.finish(exit_code=1 if failed else 0)
+            finish(exit_code=code)
+        elif isinstance(lg, WandbLogger):
+            plain_wandb = True
+    if plain_wandb:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(exit_code=code)
+
+
+def drop_callbacks_needing_a_logger(callbacks: list, loggers: list) -> list:
+    """``LearningRateMonitor`` refuses a trainer without loggers (``logger=none``): drop it."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    if loggers:
+        return callbacks
+    kept = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    if len(kept) < len(callbacks):
+        log.info("no logger: the learning-rate monitor is off")
+    return kept
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -73,7 +99,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ``strategy=ddp`` the other ranks are started for this job only and released at its end
     (:mod:`itm.distributed`).
     """
-    install_hydra_ddp_launcher()
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     loggers: list = []
@@ -82,24 +107,32 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         ckpt_path = resolve_resume_path(cfg)  # ckpt_path=last -> the newest last.ckpt
         dm = build_datamodule(cfg)
-        model = ITMModule(OmegaConf.to_container(cfg.model, resolve=True))
+        model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+        assert isinstance(model_cfg, dict)
+        model = ITMModule(model_cfg)
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+        resumed: dict = {}
         if ckpt_path is not None:  # readable, same architecture; checkpoints continue in place
-            prepare_resume(ckpt_path, model.cfg, callbacks)
-        loggers = instantiate_loggers(cfg.get("logger"))
+            resumed = prepare_resume(ckpt_path, model.cfg, callbacks)
+        # a resumed W&B run continues (its id is stored in every checkpoint)
+        loggers = instantiate_loggers(cfg.get("logger"), wandb_run=resumed.get(WANDB_RUN_KEY))
+        callbacks = drop_callbacks_needing_a_logger(callbacks, loggers)
         trainer = instantiate(
             cfg.trainer,
             callbacks=callbacks,
             logger=loggers or False,
             **_progress_bar_kwargs(cfg, callbacks),
         )
-        use_atomic_checkpoint_io(trainer)
+        if needs_hydra_ddp_launcher(trainer):  # Lightning re-runs the script for ranks 1..N-1
+            install_hydra_ddp_launcher()
         for lg in loggers:
             # the resolved config as a nested dict (W&B shows it as a tree)
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
         metrics: dict[str, float] = {}
         ckpt_cb = trainer.checkpoint_callback
+        if not isinstance(ckpt_cb, ModelCheckpoint):  # none configured
+            ckpt_cb = None
         monitor = getattr(ckpt_cb, "monitor", None) or "dev/rsum"
         if ckpt_cb is not None and ckpt_cb.best_model_score is not None:
             # the best of the monitored figure, named after it (dev/best_rsum by default)
@@ -116,13 +149,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
             }
             metrics.update({f"test/{k}": v for k, v in test.items()})
             if trainer.is_global_zero:
-                print("\n" + format_metrics_table(test, title="test") + "\n", flush=True)
+                log.info("\n%s\n", format_metrics_table(test, title="test"))
                 rr = {k[3:]: v for k, v in test.items() if k.startswith("rr_")}
                 if rr:  # model.eval_rerank: MTFN re-ranked figures of the same matrix
                     title = "test rr ORACLE" if rr.get("oracle") else "test rr"
-                    print(format_metrics_table(rr, title=title) + "\n", flush=True)
+                    log.info("%s\n", format_metrics_table(rr, title=title))
                 if best:
-                    print(f"best checkpoint: {best}", flush=True)
+                    log.info("best checkpoint: %s", best)
         for lg in loggers:
             if hasattr(lg, "log_summary"):
                 lg.log_summary(metrics)

@@ -1,52 +1,10 @@
-"""Small helpers for the entry points: loggers, result tables, config access."""
+"""Small helpers for the entry points: result tables (loggers: :mod:`itm.loggers`)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from pathlib import Path
-
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 
 RECALL_KEYS = ("r1", "r5", "r10", "medr", "meanr")
-
-
-def wandb_has_credentials() -> bool:
-    """True when W&B can log online: a mode or key in the environment, or a netrc entry."""
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"):
-        return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    try:
-        return "api.wandb.ai" in netrc.read_text()
-    except OSError:
-        return False
-
-
-def instantiate_loggers(cfg: DictConfig | None) -> list:
-    """Build every logger of the ``logger`` group (a dict of nodes; empty/null = no logging).
-
-    A W&B logger with no credentials and no ``WANDB_MODE`` falls back to offline mode (so the
-    default works with no account) and says how to sync.
-    """
-    if not cfg:
-        return []
-    loggers = []
-    for name, node in cfg.items():
-        if node is None or "_target_" not in node:
-            continue
-        if (
-            "WandbLogger" in node._target_
-            and not node.get("offline")
-            and not wandb_has_credentials()
-        ):
-            node = OmegaConf.merge(node, {"offline": True})
-            print(
-                f"[itm] logger {name}: no W&B credentials or WANDB_MODE; logging offline "
-                "(sync later with `wandb sync <run dir>`)"
-            )
-        loggers.append(instantiate(node))
-    return loggers
 
 
 def format_metrics_table(metrics: Mapping[str, float], title: str = "test") -> str:

@@ -1,4 +1,4 @@
-"""PFAN position inputs: per-region grid blocks and overlap weights (methods.md section 12.1).
+"""PFAN position inputs: per-region grid blocks and overlap weights (docs/pfan.md).
 
 PFAN (Wang et al., "Position Focused Attention Network for Image-Text Matching", IJCAI 2019)
 describes each region by the grid blocks its box covers. The image is cut into a ``G x G`` grid
@@ -216,7 +216,7 @@ def _region_row(
 def pfan_positions(
     boxes: np.ndarray, img_sizes: np.ndarray, grid: int = 16, top_blocks: int = 15
 ) -> np.ndarray:
-    """PFAN position rows of every region (methods.md section 12.1).
+    """PFAN position rows of every region (docs/pfan.md).
 
     Per region: the box (pixels) is normalised by the image width / height and clipped to 1
     from above (never from below); the blocks ``i_x = int(x1 G) .. int(x2 G)`` and ``i_y``

@@ -326,7 +326,9 @@ def open_npy_split(
             log.warning("%s: %s", files["boxes"], msg)
     if files["positions"].is_file():
         positions, positions_file = (
-            open_positions(files["positions"], info.shape[:2], files["images"], limit),
+            open_positions(
+                files["positions"], (info.shape[0], info.shape[1]), files["images"], limit
+            ),
             files["positions"],
         )
     if check_finite:

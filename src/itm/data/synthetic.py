@@ -115,6 +115,7 @@ class SyntheticSplit:
         if self._positions is None and self.region_boxes is not None:
             from itm.data.pfan import pfan_positions
 
+            assert self.img_sizes is not None, "synthetic boxes come with their image sizes"
             self._positions = pfan_positions(self.region_boxes, self.img_sizes).astype(np.float32)
         return self._positions
 

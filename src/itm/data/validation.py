@@ -97,8 +97,12 @@ def read_npy_header(path: str | os.PathLike[str], ndim: int | None = None) -> Np
                 shape, fortran, dtype = fmt.read_array_header_1_0(f)
             elif version == (2, 0):
                 shape, fortran, dtype = fmt.read_array_header_2_0(f)
-            else:  # (3, 0): utf-8 header, same content
-                shape, fortran, dtype = fmt._read_array_header(f, version)
+            else:  # (3, 0): utf-8 header, same content; numpy reads it through its memmap
+                arr = np.load(path, mmap_mode="r")
+                shape, dtype = arr.shape, arr.dtype
+                fortran = arr.flags.f_contiguous and not arr.flags.c_contiguous
+                f.seek(arr.offset)
+                del arr
             offset = f.tell()
     except (ValueError, OSError, SyntaxError) as e:
         raise DataError(path, f"not a readable .npy file ({e})") from None

@@ -1,4 +1,4 @@
-"""Standard evaluation protocols of Flickr30K / MS-COCO retrieval (methods.md section 9).
+"""Standard evaluation protocols of Flickr30K / MS-COCO retrieval (docs/evaluation.md).
 
 - ``f30k``: the whole matrix (usually 1000 images x 5000 captions).
 - ``coco5k``: the whole COCO ``testall`` matrix (5000 x 25000).

@@ -1,4 +1,4 @@
-"""Bidirectional retrieval recall (methods.md section 9).
+"""Bidirectional retrieval recall (docs/evaluation.md).
 
 Conventions: a similarity matrix ``sims`` is laid out [N_img, N_cap] (rows = images, columns =
 captions); ``cap_to_img`` [N_cap] gives the image each caption belongs to (by default caption ``c``

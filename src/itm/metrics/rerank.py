@@ -1,4 +1,4 @@
-"""MTFN cross-modal re-ranking of a finished score matrix (methods.md section 14).
+"""MTFN cross-modal re-ranking of a finished score matrix (docs/mtfn.md).
 
 Wang et al., "Matching Images and Text with Multi-modal Tensor Fusion and Re-ranking" (ACM MM
 2019) re-orders the top candidates of each query by how the candidate ranks the query in the

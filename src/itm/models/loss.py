@@ -1,4 +1,4 @@
-"""VSE++ hinge-based triplet ranking loss (methods.md section 8).
+"""VSE++ hinge-based triplet ranking loss (docs/foundations.md, "Loss and training").
 
 The loss only ever sees a square similarity matrix, so it is agnostic of the device, of the
 precision (float32 / float64) and of any distributed setup.

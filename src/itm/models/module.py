@@ -1,10 +1,26 @@
-"""The LightningModule: encoders + Similarity + ContrastiveLoss, with full-matrix evaluation."""
+"""The LightningModule: encoders + Similarity + ContrastiveLoss, with full-matrix evaluation.
+
+Logged while fitting (every logger; ``csv/metrics.csv``):
+
+- ``train/loss``: the loss of each step, SUMMED over the batch's pairs (the VSE++ hinge
+  reduction of all references), and ``train/loss_epoch``: that per-batch sum averaged over the
+  epoch's batches, each batch weighted by its number of pairs (a short last batch counts for
+  what it holds). Both are on the scale of a full batch's summed loss.
+- ``train/epoch_time_s``: wall time of the epoch's training batches only (data loading,
+  forward, backward, optimizer step), validation taken out; ``train/samples_per_s``: the
+  training pairs of all ranks per second of that time.
+- ``train/dev_time_s``: the dev evaluation of the epoch (encoding every dev image and caption
+  plus the full-matrix scoring), and ``train/dev_scoring_time_s``: its scoring alone.
+- ``train/lr`` (per parameter group: ``train/lr/<group>``) comes from Lightning's
+  ``LearningRateMonitor`` (``callbacks.lr_monitor``); ``dev/*`` / ``test/*``: the recall figures.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -12,10 +28,23 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from itm.callbacks import EpochClock, no_progress
 from itm.metrics import RetrievalRecall
+from itm.models.align.vse_infinity import GlobalAlign
 from itm.models.auxiliary.base import AUX_INPUTS
 from itm.models.penalty import weight_norm_penalty
 from itm.models.similarity import Similarity, lengths_to_mask
+
+#: ``(total pairs, description) -> context manager yielding progress(n_pairs) or None``
+ScoringProgress = Callable[[int, str], AbstractContextManager[Callable[[int], None] | None]]
+
+
+def attached_trainer(module: pl.LightningModule) -> pl.Trainer | None:
+    """``module.trainer``, or None when the module is not attached to a trainer."""
+    try:
+        return module.trainer
+    except RuntimeError:  # "... is not attached to a `Trainer`"
+        return None
 
 
 def _to_dict(cfg: Mapping | DictConfig) -> dict:
@@ -118,8 +147,12 @@ class ITMModule(pl.LightningModule):
 
             check_bf16(self.similarity.align)
         self._eval_buffers: dict[str, list[tuple[Tensor, ...]]] = {"img": [], "cap": []}
-        self._epoch_start = 0.0
-        self._epoch_samples = 0
+        #: wall time of the current training epoch without its validation (itm.callbacks)
+        self.epoch_clock = EpochClock()
+        self._eval_start = 0.0
+        self._scoring_s = 0.0
+        #: progress of full-matrix scoring; a progress-bar callback sets it (RichProgress)
+        self.scoring_progress: ScoringProgress = no_progress
 
     # --- encoding ---------------------------------------------------------------------------
 
@@ -168,8 +201,7 @@ class ITMModule(pl.LightningModule):
     # --- training ---------------------------------------------------------------------------
 
     def on_train_epoch_start(self) -> None:
-        self._epoch_start = time.perf_counter()
-        self._epoch_samples = 0
+        self.epoch_clock.start()
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         hardest = self.current_epoch >= self.warmup_epochs
@@ -180,7 +212,8 @@ class ITMModule(pl.LightningModule):
         img, cap = same_dtype(img, cap)
         n = img.shape[0]
         vectors = None
-        if self.loss_gather and self._trainer is not None and self.trainer.world_size > 1:
+        trainer = attached_trainer(self)
+        if self.loss_gather and trainer is not None and trainer.world_size > 1:
             loss = self._gathered_loss(
                 batch, img, img_lens, cap, cap_lens, hardest and self.criterion.max_violation
             )
@@ -200,9 +233,17 @@ class ITMModule(pl.LightningModule):
                 cap_img_ids=batch["img_ids"],
             )
         loss = loss + self._extra_losses(batch, img, img_lens, cap, cap_lens, vectors)
-        self._epoch_samples += n
+        self.epoch_clock.samples += n
+        # the batch-summed loss per step, and its epoch mean weighted by batch size (all ranks)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
+        self.log(
+            "train/loss_epoch",
+            loss.detach(),
+            on_step=False,
+            on_epoch=True,
+            batch_size=n,
+            sync_dist=True,
+        )
         return loss
 
     # --- auxiliary losses (model/aux, model.weight_norm_penalty) -----------------------------
@@ -228,7 +269,9 @@ class ITMModule(pl.LightningModule):
         """The global head's l2-normalised vectors ``([B, d], [B, d])`` of a batch."""
         img_mask = lengths_to_mask(img_lens.to(img.device), img.shape[1])
         cap_mask = lengths_to_mask(cap_lens.to(cap.device), cap.shape[1])
-        return self.similarity.align.embed(img, img_mask, cap, cap_mask)
+        head = self.similarity.align
+        assert isinstance(head, GlobalAlign), "checked at construction (_check_aux)"
+        return head.embed(img, img_mask, cap, cap_mask)
 
     def _extra_losses(
         self,
@@ -243,14 +286,15 @@ class ITMModule(pl.LightningModule):
         penalty; each term is logged unweighted (``train/aux_loss``, ``train/weight_norm``)."""
         n = img.shape[0]
         total: Tensor | float = 0.0
-        weight = self.aux.weight_at(self.current_epoch) if self.aux is not None else 0.0
-        if weight:
-            if self.aux.inputs == "fragments":
-                term = self.aux(img, img_lens, batch["captions"], batch["cap_lens"])
+        aux = self.aux
+        weight = aux.weight_at(self.current_epoch) if aux is not None else 0.0
+        if weight and aux is not None:
+            if aux.inputs == "fragments":
+                term = aux(img, img_lens, batch["captions"], batch["cap_lens"])
             else:
                 if vectors is None:
                     vectors = self._global_vectors(img, img_lens, cap, cap_lens)
-                term = self.aux(*vectors)
+                term = aux(*vectors)
             self.log("train/aux_loss", term, batch_size=n)
             total = total + weight * term
         if self.weight_norm_coef:
@@ -278,7 +322,9 @@ class ITMModule(pl.LightningModule):
             img_lens,
             cap,
             cap_lens,
-            all_gather=lambda t, sync_grads: self.all_gather(t, sync_grads=sync_grads),
+            all_gather=lambda t, sync_grads: cast(
+                Tensor, self.all_gather(t, sync_grads=sync_grads)
+            ),
             rank=self.global_rank,
             margin=self.criterion.margin,
             max_violation=max_violation,
@@ -289,51 +335,73 @@ class ITMModule(pl.LightningModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
-        elapsed = time.perf_counter() - self._epoch_start
-        self.log("train/epoch_time_s", elapsed, sync_dist=True)
-        self.log("train/samples_per_s", self._epoch_samples / max(elapsed, 1e-9), sync_dist=True)
+        seconds = self.epoch_clock.train_seconds
+        # the slowest rank's time; the pairs of all ranks per second
+        self.log("train/epoch_time_s", seconds, sync_dist=True, reduce_fx="max")
+        rate = self.epoch_clock.samples / max(seconds, 1e-9)
+        self.log("train/samples_per_s", rate, sync_dist=True, reduce_fx="sum")
+
+    def on_validation_start(self) -> None:
+        self.epoch_clock.pause()  # validation inside a training epoch is not training time
+
+    def on_validation_end(self) -> None:
+        self.epoch_clock.resume()
 
     def configure_optimizers(self) -> Any:
         groups = self.param_groups()
         optimizer = instantiate(self.cfg["optimizer"])(groups)
         sched_cfg = self.cfg.get("scheduler")
-        if not sched_cfg:
-            return optimizer
-        scheduler = instantiate(sched_cfg)(optimizer)
+        if sched_cfg:
+            scheduler = instantiate(sched_cfg)(optimizer)
+        else:  # a constant schedule, so that the lr is logged under the same name
+            scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+        # `name`: LearningRateMonitor logs train/lr (one group) or train/lr/<group name>
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "name": "train/lr"},
         }
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Parameter groups; a sub-module exposing ``lr_mult_groups()`` (BERT) gets its lrs.
 
-        Each group carries ``lr`` = base lr x multiplier (schedulers scale every group).
+        Each group carries ``lr`` = base lr x multiplier (schedulers scale every group). With
+        more than one group each has a ``name`` (``base``; the sub-module's name, e.g.
+        ``text_encoder``, with ``.<i>`` for its i-th group past the first), under which
+        ``LearningRateMonitor`` logs its lr (``train/lr/<name>``).
         """
         base_lr = float(self.cfg["optimizer"]["lr"])
         groups: list[dict[str, Any]] = []
         seen: set[int] = set()
-        for module in self.modules():
+        for name, module in self.named_modules():
             if module is self or not hasattr(module, "lr_mult_groups"):
                 continue
-            for params, mult in module.lr_mult_groups():
+            for i, (params, mult) in enumerate(module.lr_mult_groups()):
                 params = [p for p in params if p.requires_grad and id(p) not in seen]
                 seen.update(id(p) for p in params)
                 if params:
-                    groups.append({"params": params, "lr": base_lr * mult})
+                    label = name if i == 0 else f"{name}.{i}"
+                    groups.append({"params": params, "lr": base_lr * mult, "name": label})
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in seen]
         if rest:
-            groups.insert(0, {"params": rest, "lr": base_lr})
+            groups.insert(0, {"params": rest, "lr": base_lr, "name": "base"})
+        if len(groups) == 1:
+            groups[0].pop("name")  # one group: logged as plain train/lr
         return groups
 
     # --- checkpoints (exact resume; itm.checkpoint) -----------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the global RNG states (torch, CUDA, numpy, Python): with them a resumed run
-        replays the same data order and random augmentation as an uninterrupted one."""
+        replays the same data order and random augmentation as an uninterrupted one. Also the
+        W&B run (``itm.loggers.WANDB_RUN_KEY``), which a resumed run continues."""
         from itm.checkpoint import RNG_KEY, collect_rng_state
+        from itm.loggers import WANDB_RUN_KEY, wandb_run_state
 
         checkpoint[RNG_KEY] = collect_rng_state()
+        trainer = attached_trainer(self)
+        run = wandb_run_state(trainer.loggers) if trainer is not None else None
+        if run is not None:
+            checkpoint[WANDB_RUN_KEY] = run
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another architecture (naming the differing config keys);
@@ -344,7 +412,7 @@ class ITMModule(pl.LightningModule):
         if isinstance(saved, Mapping):
             check_model_config(saved, self.cfg)
         state = rng_state_from(checkpoint)
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         if state is not None and trainer is not None and trainer.state.fn == "fit":
             restore_rng_state(state)
 
@@ -365,6 +433,7 @@ class ITMModule(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._eval_buffers = {"img": [], "cap": []}
+        self._eval_start = time.perf_counter()
 
     on_test_epoch_start = on_validation_epoch_start
 
@@ -427,10 +496,9 @@ class ITMModule(pl.LightningModule):
         metric = metric.to(self.device)
         rank, world = self.global_rank, self.trainer.world_size if self.trainer else 1
         rows = torch.arange(rank, e["img"].shape[0], world, device=e["img"].device)
-        from itm.callbacks import scoring_progress
-
         n_pairs = rows.numel() * e["cap"].shape[0]
-        with scoring_progress(self, n_pairs, f"{split} scoring") as progress:
+        t0 = time.perf_counter()
+        with self.scoring_progress(n_pairs, f"{split} scoring") as progress:
             sims = self.similarity.score_matrix(
                 e["img"][rows],
                 e["img_lens"][rows],
@@ -440,6 +508,7 @@ class ITMModule(pl.LightningModule):
                 progress=progress,
                 precision=self.eval_precision,
             )
+        self._scoring_s = time.perf_counter() - t0
         metric.update(sims, rows)
         results = {k: float(v) for k, v in metric.compute().items()}
         # VSRN's model-selection figure (R@1 + R@5 of both directions, no R@10), for
@@ -454,6 +523,9 @@ class ITMModule(pl.LightningModule):
             self._eval_buffers = {"img": [], "cap": []}
             return
         self._evaluate("dev")
+        if self.trainer.state.fn == "fit":  # the dev evaluation of a training epoch: timed too
+            self.log("train/dev_time_s", time.perf_counter() - self._eval_start, sync_dist=True)
+            self.log("train/dev_scoring_time_s", self._scoring_s, sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
         self._evaluate("test")

@@ -1,4 +1,4 @@
-"""Pooling over a masked set axis (methods.md section 7).
+"""Pooling over a masked set axis (docs/foundations.md, "Pooling").
 
 Every pooling module maps ``x [..., N, D]`` with ``mask [..., N]`` (True = valid item; the mask
 only needs to broadcast against ``x.shape[:-1]``) to ``[..., D]``. Values at invalid positions may
@@ -116,7 +116,7 @@ def pool_scores(pooling: nn.Module, scores: Tensor, mask: Tensor) -> Tensor:
 
 
 class GPOPool(SetPooling):
-    """Generalized pooling operator (VSE-infinity, Chen et al. CVPR 2021), methods.md section 7.
+    """Generalized pooling operator (VSE-infinity, Chen et al. CVPR 2021), docs/vse_infinity.md.
 
     Each dimension is sorted independently in descending order over the valid items, and the
     ``k``-th largest value gets the weight ``theta_k`` (``k = 0..N-1``); the weights depend only

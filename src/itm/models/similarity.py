@@ -1,6 +1,6 @@
 """Similarity = alignment head + pooling, with block-wise full-matrix scoring.
 
-Public contract (docs/api.md)::
+Public contract (the README's Python API; docs/adding_a_head.md)::
 
     sim = Similarity(instantiate(cfg.model.align), instantiate(cfg.model.pooling))
     scores = sim(img, img_lens, cap, cap_lens)              # [n_images, n_captions]

@@ -17,7 +17,7 @@
  * Vectorised with GCC / clang vector extensions (16 lanes = 16 query sets), so it compiles to
  * AVX-512, AVX2 or NEON alike.
  *
- * Steps (docs/attention.md, docs/scan.md): clipped l2 norm of the scores across each query set
+ * Steps (docs/foundations.md, docs/scan.md): clipped l2 norm of the scores across each query set
  * (leaky_relu slope 0.1, or slope 1 for plain l2norm), times lambda, exp (no max shift: the
  * normed scores lie in [-1, 1]), padded context items weight 0; Z = sum w, dot = sum w s,
  * att = w^T G w (symmetric G: the lower triangle, doubled); cos = (dot / Z) /

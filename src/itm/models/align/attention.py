@@ -1,4 +1,4 @@
-"""The attention step shared by SCAN, BFAN, IMRAM and SGRAF (docs/attention.md), written once.
+"""The attention step shared by SCAN, BFAN, IMRAM and SGRAF (docs/foundations.md), written once.
 
 Query set ``Q`` (``m`` items), context set ``C`` (``s`` items), temperature ``lambda``:
 
@@ -40,6 +40,7 @@ __all__ = [
     "i2t_cosine",
     "i2t_weights",
     "masked_softmax",
+    "pair_scores",
     "region_word_scores",
     "sq_norm",
     "t2i_cosine",
@@ -148,6 +149,15 @@ def i2t_cosine(s: Tensor, alpha: Tensor, cap_gram: Tensor, img_sq: Tensor) -> Te
     att_sq = (a * torch.bmm(a, cap_gram)).sum(dim=2).view(b2, b1, k).permute(1, 2, 0)
     cos = cosine_from_parts(dot, img_sq.unsqueeze(2), att_sq)  # [B1, K, B2]
     return cos.transpose(1, 2)
+
+
+def pair_scores(img: Tensor, cap: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One pair of VALID fragments, ``img [K, d]`` and ``cap [L, d]``, in the block layout:
+    ``(s [1, K, 1, L], img_mask [1, K], cap_mask [1, L])`` (masks all True); what the heads'
+    ``alignment`` pictures start from."""
+    s = region_word_scores(img[None], cap[None])
+    ones = img.new_ones((1, img.shape[0]), dtype=torch.bool)
+    return s, ones, cap.new_ones((1, cap.shape[0]), dtype=torch.bool)
 
 
 def attended(alpha: Tensor, img: Tensor) -> Tensor:

@@ -68,6 +68,12 @@ class Block:
     key: Hashable
     lowp: Tensor | None = None
 
+    @property
+    def product(self) -> Tensor:
+        """The embeddings the head's large products take: :attr:`lowp` in bf16 scoring,
+        :attr:`emb` otherwise."""
+        return self.emb if self.lowp is None else self.lowp
+
 
 class AlignHead(nn.Module):
     """Base class of the alignment heads.

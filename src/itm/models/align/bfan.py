@@ -17,6 +17,7 @@ from itm.models.align.attention import (
     gram,
     i2t_cosine,
     i2t_weights,
+    pair_scores,
     region_word_scores,
     sq_norm,
     t2i_cosine,
@@ -198,9 +199,7 @@ class BFAN(AlignHead):
 
     def alignment(self, img: Tensor, cap: Tensor) -> Tensor:
         """The renormalised focal weights of the head's first direction, ``[L, K]``."""
-        ones_i = img.new_ones(1, img.shape[0], dtype=bool)
-        ones_c = cap.new_ones(1, cap.shape[0], dtype=bool)
-        s = region_word_scores(img[None], cap[None])
+        s, ones_i, ones_c = pair_scores(img, cap)
         direction = "i2t" if self.direction == "i2t" else "t2i"
         return self.weights(s, ones_i, ones_c, direction)[0, :, 0, :].T
 

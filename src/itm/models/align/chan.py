@@ -89,9 +89,8 @@ class CHAN(AlignHead):
         the other modality item-major; for t2i only the valid words), padded context rows set
         to -inf in place, a max over axis 1, then pooling of the ``[B1, B2, *]`` fragment
         maxima. bf16 scoring: the product in bfloat16, the maxima widened to float32."""
-        lowp = images.lowp is not None and captions.lowp is not None
-        img = images.lowp if lowp else images.emb
-        cap = captions.lowp if lowp else captions.emb
+        lowp = images.lowp is not None
+        img, cap = images.product, captions.product
         img_mask, cap_mask, cap_cache = images.mask, captions.mask, captions.cache
         if self.direction == "t2i":
             words = cap_cache["t"]
@@ -116,6 +115,7 @@ class CHAN(AlignHead):
             full = best.new_zeros(bc, cap.shape[0] * cap.shape[1])
             best = full.index_copy_(1, cols, best)
         best = best.view(bc, -1, n_sets).transpose(1, 2)
+        assert pooling is not None, "CHAN pools its fragment scores"
         out = pool_scores(pooling, best, pool_mask)
         return out if self.direction == "t2i" else out.T
 

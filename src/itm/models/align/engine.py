@@ -190,7 +190,7 @@ def attend_cosine(
     queries words; for i2t the transpose. Padded queries and padded context items must have
     ZERO raw scores; ``s`` is only read.
 
-    Steps (docs/attention.md): feature norm across each query set, times ``lambda``, exp (no max
+    Steps (docs/foundations.md): feature norm across each query set, times ``lambda``, exp (no max
     shift: the normed scores lie in [-1, 1]); padded context rows set to 0; the head's
     ``select`` hook; then ``G w`` and the normaliser ``Z = sum w`` from ONE batched product with
     ``[G ; 1]``; ``dot = sum w s``; the cosine of each query item with its attended vector,

@@ -2,7 +2,7 @@
 docs/imram.md).
 
 Per direction and step ``k = 1..steps`` the query memory ``q^k`` (``q^1`` = the query fragments)
-attends over the ORIGINAL context (methods.md section 2), the step score ``F_k`` pools
+attends over the ORIGINAL context (docs/foundations.md), the step score ``F_k`` pools
 ``cos(original query fragment, att^k)`` over the valid query fragments, and a memory
 distillation unit (MDU) turns ``[q^k ; att^k]`` into ``q^{k+1}``. The score is the sum of the
 step scores (and of the two directions in full mode).
@@ -41,6 +41,7 @@ from itm.models.align.attention import (
     gram,
     i2t_cosine,
     i2t_weights,
+    pair_scores,
     region_word_scores,
     sq_norm,
     t2i_cosine,
@@ -155,11 +156,8 @@ class IMRAM(AlignHead):
     ) -> Tensor:
         """``img [B1, K, d]``, ``img_mask [B1, K]``, ``cap [B2, L, d]``, ``cap_mask [B2, L]``
         -> ``[B1, B2]``: the step scores summed over steps and directions."""
-        out = None
-        for per_step in self.step_scores(img, img_mask, cap, cap_mask, pooling).values():
-            total = per_step.sum(dim=0)
-            out = total if out is None else out + total
-        return out
+        per_direction = self.step_scores(img, img_mask, cap, cap_mask, pooling).values()
+        return torch.stack([steps.sum(dim=0) for steps in per_direction]).sum(dim=0)
 
     def step_scores(
         self, img: Tensor, img_mask: Tensor, cap: Tensor, cap_mask: Tensor, pooling: nn.Module
@@ -179,9 +177,7 @@ class IMRAM(AlignHead):
         """The attention of the FIRST step (on the encoder features) of the head's first
         direction, ``[L, K]``: t2i (and ``both``) each word over the regions, i2t each region
         over the words."""
-        ones_i = img.new_ones(1, img.shape[0], dtype=bool)
-        ones_c = cap.new_ones(1, cap.shape[0], dtype=bool)
-        s = region_word_scores(img[None], cap[None])
+        s, ones_i, ones_c = pair_scores(img, cap)
         fn = i2t_weights if self.direction == "i2t" else t2i_weights
         return fn(s, ones_i, ones_c, self.feature_norm, self.lambda_softmax)[0, :, 0, :].T
 
@@ -196,7 +192,7 @@ class IMRAM(AlignHead):
         instead of once per (image, caption) block: the MDUs' stacked weights, the text-mode
         MDU's query half of the step-1 memory (the words themselves), the image-mode MDU's
         attended half of every word, and the words' Gram matrices."""
-        out = {}
+        out: dict[str, Tensor] = {}
         if self.direction in ("t2i", "both"):
             w_q, w_a, bias = self.mdu_t2i.fused_weights()
             out.update(w_q_t2i=w_q, w_a_t2i=w_a, bias_t2i=bias, q_half_t2i=F.linear(cap, w_q))
@@ -220,11 +216,9 @@ class IMRAM(AlignHead):
         img, img_mask, img_cache = images.emb, images.mask, images.cache
         cap, cap_mask, cap_cache = captions.emb, captions.mask, captions.cache
         self._check_size(img)
-        lowp = images.lowp is not None and captions.lowp is not None
-        if lowp:
-            s = region_word_scores(images.lowp, captions.lowp).float()
-        else:
-            s = region_word_scores(img, cap)
+        lowp = images.lowp is not None
+        s = region_word_scores(images.product, captions.product)
+        s = s.float() if lowp else s
         out = None
         if self.direction in ("t2i", "both"):
             steps = self._text_steps(
@@ -257,6 +251,7 @@ class IMRAM(AlignHead):
             )
             part = torch.stack(steps).sum(dim=0)
             out = part if out is None else out + part
+        assert out is not None
         return out
 
     def bytes_per_pair(self, n_regions: int, n_words: int, elem_size: int) -> int:
@@ -406,6 +401,7 @@ class IMRAM(AlignHead):
             if step == 0 and (ctx is None or w_q is None):  # the MDU's attended half of
                 w_q, w_a, bias = self.mdu_i2t.fused_weights()  # every word, once per block
                 ctx = F.linear(cap, w_a, bias)  # [B2, L, 2d]
+            assert ctx is not None and w_q is not None
             # MDU(att) for att[j, i, r] = sum_w alpha[i, r, j, w] e[j, w]: [B2, B1*K, L] @ ctx
             a_t = alpha.permute(2, 0, 1, 3).reshape(b2, b1 * k, n)
             pre = _bmm(a_t, ctx, lowp, out=_pre_buffer(ws, step, (b2, b1 * k), ctx))

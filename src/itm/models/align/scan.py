@@ -19,6 +19,7 @@ from itm.models.align.attention import (
     gram,
     i2t_cosine,
     i2t_weights,
+    pair_scores,
     region_word_scores,
     sq_norm,
     t2i_cosine,
@@ -105,9 +106,7 @@ class SCAN(AlignHead):
     def alignment(self, img: Tensor, cap: Tensor) -> Tensor:
         """The soft attention of the head's first direction, ``[L, K]``: t2i (and ``both``)
         each word's softmax over the regions; i2t each region's softmax over the words."""
-        ones_i = img.new_ones(1, img.shape[0], dtype=bool)
-        ones_c = cap.new_ones(1, cap.shape[0], dtype=bool)
-        s = region_word_scores(img[None], cap[None])
+        s, ones_i, ones_c = pair_scores(img, cap)
         direction = "i2t" if self.direction == "i2t" else "t2i"
         return self.weights(s, ones_i, ones_c, direction)[0, :, 0, :].T
 
@@ -219,9 +218,8 @@ def scan_block(
     norms stay float32.
     """
     img_mask, cap_mask = images.mask, captions.mask
-    lowp = images.lowp is not None and captions.lowp is not None
-    img = images.lowp if lowp else images.emb
-    cap = captions.lowp if lowp else captions.emb
+    lowp = images.lowp is not None
+    img, cap = images.product, captions.product
     b1, b2 = img.shape[0], cap.shape[0]
     out = None
     if direction in ("t2i", "both"):

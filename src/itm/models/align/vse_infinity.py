@@ -71,6 +71,7 @@ class GlobalAlign(AlignHead):
             )
         image = self.image_pool if self.image_pool is not None else pooling
         text = self.text_pool if self.text_pool is not None else pooling
+        assert image is not None and text is not None
         return image, text
 
     def image_vectors(

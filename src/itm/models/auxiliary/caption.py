@@ -156,9 +156,10 @@ class CaptionLoss(AuxLoss):
         inputs, targets, target_mask = self.labels(tokens, cap_lens)
         dec = self.decoder
         h, w = state.shape[1], dec.embedding.embedding_dim
-        w_ih, w_hh = dec.rnn.weight_ih_l0, dec.rnn.weight_hh_l0  # [3h, w + h], [3h, h]
-        b_ih, b_hh = dec.rnn.bias_ih_l0, dec.rnn.bias_hh_l0
-        lin1 = dec.attention.linear1  # [h, 2h] on [o_r ; s_t]
+        rnn: nn.GRU = dec.rnn
+        # weight_ih_l0 [3h, w + h], weight_hh_l0 [3h, h], bias_ih_l0, bias_hh_l0
+        w_ih, w_hh, b_ih, b_hh = rnn.all_weights[0]
+        lin1: nn.Linear = dec.attention.linear1  # [h, 2h] on [o_r ; s_t]
         # state-free parts, batched: the word half of the GRU input, the region half of linear1
         words = dec.input_dropout(dec.embedding(inputs))  # [B, T, w]
         gate_words = F.linear(words, w_ih[:, :w], b_ih)  # [B, T, 3h]
@@ -167,7 +168,8 @@ class CaptionLoss(AuxLoss):
         # column slice would cost a strided product and a full-size gradient buffer per step)
         w_att_state = lin1.weight[:, h:].contiguous()
         w_context = w_ih[:, w:].contiguous()
-        score_w = dec.attention.linear2.weight[0]  # [h]
+        lin2: nn.Linear = dec.attention.linear2
+        score_w = lin2.weight[0]  # [h]
         states = []
         s = state
         # unbind once: indexing [:, t] per step would give each step's gradient a full-size

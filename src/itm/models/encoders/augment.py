@@ -1,4 +1,4 @@
-"""Size augmentation of fragment sets (methods.md section 8; CHAN, VSE-infinity; training only).
+"""Size augmentation of fragment sets (docs/foundations.md, "Loss and training"; CHAN, VSE-infinity; training only).
 
 Both functions work on a padded batch with its true lengths, are vectorised over the batch, and
 return a new padded batch (trimmed to its longest item) with the new lengths. Kept items are

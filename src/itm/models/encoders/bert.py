@@ -1,4 +1,4 @@
-"""BERT caption encoder loaded from a local checkpoint directory (methods.md section 1).
+"""BERT caption encoder loaded from a local checkpoint directory (docs/foundations.md, "Feature encoders").
 
 ``transformers`` is imported when an encoder is built, not when this module is imported, so
 ``import itm.models`` stays fast (importing transformers costs ~4 s on the project machines).
@@ -32,7 +32,7 @@ def _missing_path_error(path: str) -> FileNotFoundError:
     return FileNotFoundError(f"BERT directory {path!r} does not exist{hint}")
 
 
-def load_local_bert(path: str) -> nn.Module:
+def load_local_bert(path: str) -> Any:
     """A ``BertModel`` (without its pooler) from the local directory ``path``, in train mode;
     nothing is downloaded.
 

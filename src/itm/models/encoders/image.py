@@ -1,4 +1,4 @@
-"""Encoders of precomputed region features (methods.md section 1)."""
+"""Encoders of precomputed region features (docs/foundations.md, "Feature encoders")."""
 
 from __future__ import annotations
 

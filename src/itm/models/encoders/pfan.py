@@ -1,4 +1,4 @@
-"""PFAN's position-focused image encoder (Wang et al., IJCAI 2019; methods.md section 12.2).
+"""PFAN's position-focused image encoder (Wang et al., IJCAI 2019; docs/pfan.md).
 
 Each region comes with ``T`` grid blocks of a ``G x G`` grid and the share of its box in each
 (the position rows of :func:`itm.data.pfan_positions`). The region attends over its blocks' learned

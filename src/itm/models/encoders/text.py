@@ -1,4 +1,4 @@
-"""Caption encoders (methods.md section 1)."""
+"""Caption encoders (docs/foundations.md, "Feature encoders")."""
 
 from __future__ import annotations
 
