@@ -24,6 +24,12 @@ def l2n(x: Tensor, dim: int = -1) -> Tensor:
     return x / (torch.sqrt(torch.where(ss > 0, ss, torch.ones_like(ss))) + L2_EPS)
 
 
+def loss_precision(x: Tensor) -> Tensor:
+    """``x`` in float32 when it came out of bf16 / fp16 autocast, else unchanged (float64 stays
+    float64): the loss and the recall run in at least single precision."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def lengths_to_mask(lengths: Tensor, size: int) -> Tensor:
     """``lengths [B]`` -> bool mask ``[B, size]`` (True for the first ``lengths[b]`` slots)."""
     return torch.arange(size, device=lengths.device)[None, :] < lengths[:, None]

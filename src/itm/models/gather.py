@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from itm.models.functional import loss_precision
+
 __all__ = ["AllGather", "cross_rank_hinge", "gather_rows", "gathered_contrastive_loss"]
 
 #: ``all_gather(tensor, sync_grads) -> [world, *tensor.shape]`` (Lightning's
@@ -147,8 +149,8 @@ def gathered_contrastive_loss(
     cap_lens_all, _ = gather_rows(cap_lens, all_gather, sync_grads=False)
     offset = sum(sizes[:rank])
     # float32 for the loss, also when the head ran under bf16 / fp16 autocast
-    rows = score(img, img_lens, cap_all, cap_lens_all).float()  # [b, B]
-    cols = score(img_all, img_lens_all, cap, cap_lens).float()  # [B, b]
+    rows = loss_precision(score(img, img_lens, cap_all, cap_lens_all))  # [b, B]
+    cols = loss_precision(score(img_all, img_lens_all, cap, cap_lens))  # [B, b]
     row_mask = col_mask = None
     if cap_ids is not None:
         ids_all, _ = gather_rows(cap_ids, all_gather, sync_grads=False)

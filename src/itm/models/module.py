@@ -32,6 +32,7 @@ from itm.callbacks import EpochClock, no_progress
 from itm.metrics import RetrievalRecall
 from itm.models.align.vse_infinity import GlobalAlign
 from itm.models.auxiliary.base import AUX_INPUTS
+from itm.models.functional import loss_precision
 from itm.models.penalty import weight_norm_penalty
 from itm.models.similarity import Similarity, lengths_to_mask
 
@@ -196,7 +197,7 @@ class ITMModule(pl.LightningModule):
         )
         cap, cap_lens = self.encode_captions(batch["captions"], batch["cap_lens"])
         img, cap = same_dtype(img, cap)
-        return self.similarity(img, img_lens, cap, cap_lens).float()
+        return loss_precision(self.similarity(img, img_lens, cap, cap_lens))
 
     # --- training ---------------------------------------------------------------------------
 
@@ -221,11 +222,11 @@ class ITMModule(pl.LightningModule):
             if self.aux is not None and self.aux.inputs == "global":
                 # the global head's score from its vectors, which the aux loss reuses
                 img_vec, cap_vec = self._global_vectors(img, img_lens, cap, cap_lens)
-                vectors = (img_vec.float(), cap_vec.float())
+                vectors = (loss_precision(img_vec), loss_precision(cap_vec))
                 sims = vectors[0] @ vectors[1].T
             else:
                 # float32 for the loss, as forward(): see its docstring
-                sims = self.similarity(img, img_lens, cap, cap_lens).float()
+                sims = loss_precision(self.similarity(img, img_lens, cap, cap_lens))
             loss = self.criterion(
                 sims,
                 max_violation=hardest and self.criterion.max_violation,
@@ -489,8 +490,7 @@ class ITMModule(pl.LightningModule):
         # mixed precision: embeddings come out of autocast in half (images: Linear) or float32
         # (captions: GRU); the full-matrix scoring runs outside autocast, in float32
         for key in ("img", "cap"):
-            if e[key].dtype in (torch.float16, torch.bfloat16):
-                e[key] = e[key].float()
+            e[key] = loss_precision(e[key])
         # with eval_rerank the metric also re-ranks the matrix it gathers (once, in full)
         metric = RetrievalRecall(cap_to_img=e["cap_to_img"].cpu(), rerank=self._rerank_spec())
         metric = metric.to(self.device)
