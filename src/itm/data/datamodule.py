@@ -21,13 +21,15 @@ workers require; caches are dropped on pickling and rebuilt lazily in the receiv
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from itm.data.splits import SPLITS
+from itm.data.stores.base import FeatureStore
 from itm.data.synthetic import SyntheticSplit, generate_synthetic
 from itm.data.vocab import PAD_ID, Vocabulary
 
@@ -44,18 +46,6 @@ __all__ = [
     "collate_images",
     "collate_pairs",
 ]
-
-SPLITS: tuple[str, ...] = ("train", "dev", "test", "testall")
-
-
-@runtime_checkable
-class FeatureStore(Protocol):
-    """What the datasets need from a split (see the module docstring)."""
-
-    images: Any  # array-like [N, K, D], images[i] -> [K, D]
-    captions: list[str]  # [N_cap]
-    cap_to_img: np.ndarray  # int64 [N_cap]
-
 
 @dataclass
 class ArraySplit:
