@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from itm.data.build import build_datamodule
 from itm.io import atomic_write
 from itm.metrics import PROTOCOLS, RerankSpec, ensemble, evaluate_protocol
 from itm.metrics.recall import METRIC_KEYS
@@ -109,21 +110,11 @@ def data_config(cfg: DictConfig, ckpt: str | Path | None) -> DictConfig:
 def build_data(
     cfg: DictConfig, data_cfg: DictConfig, model_cfg: Mapping[str, Any], split: str | None = None
 ):
-    """The data module; with ``split`` and no ``splits`` in the data config, only the evaluated
-    split is validated (an evaluation folder may hold nothing else)."""
-    from hydra.utils import instantiate
-
+    """The data module (:func:`itm.data.build.build_datamodule`); with ``split`` and no
+    ``splits`` in the data config, only the evaluated split is validated (an evaluation folder
+    may hold nothing else)."""
     only = {"splits": [split]} if split and "splits" in data_cfg and not data_cfg.splits else {}
-    dm = instantiate(data_cfg, _convert_="all", **only)
-    text = model_cfg.get("text_encoder", {})
-    if "path" in text:  # a pretrained (BERT) text encoder brings its own tokenizer
-        from itm.data.tokenizers import BertCaptionTokenizer
-
-        dm.tokenizer = BertCaptionTokenizer(text["path"])
-    if hasattr(dm, "image_inputs"):  # per-region inputs the image encoder reads (PFAN)
-        from itm.models.encoders import declared_inputs
-
-        dm.image_inputs = declared_inputs(model_cfg.get("image_encoder", {}))
+    dm = build_datamodule(data_cfg, model_cfg, **only)
     if cfg.eval.get("batch_size"):
         dm.eval_batch_size = int(cfg.eval.batch_size)
     return dm
