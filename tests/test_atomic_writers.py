@@ -45,7 +45,9 @@ class FailingImages:
 def test_hdf5_writer_interrupted_mid_copy_leaves_nothing(tmp_path, exc):
     caps = [f"caption {i}" for i in range(8)]
     with pytest.raises(exc):
-        write_h5(tmp_path / "train.h5", FailingImages(8, 5, exc), caps, np.arange(8), chunk_images=2)
+        write_h5(
+            tmp_path / "train.h5", FailingImages(8, 5, exc), caps, np.arange(8), chunk_images=2
+        )
     assert _listing(tmp_path) == []
 
 
@@ -116,9 +118,8 @@ def _writes_outside_itm_io(path: Path) -> list[str]:
         if not isinstance(node, ast.Call):
             continue
         name = ast.unparse(node.func)
-        if name in ("os.replace", "os.rename", "tempfile.mkstemp", "tempfile.NamedTemporaryFile"):
-            found.append(f"{path.name}:{node.lineno} {name}")
-        elif name.endswith((".write_text", ".write_bytes")):
+        direct = ("os.replace", "os.rename", "tempfile.mkstemp", "tempfile.NamedTemporaryFile")
+        if name in direct or name.endswith((".write_text", ".write_bytes")):
             found.append(f"{path.name}:{node.lineno} {name}")
         elif name == "open" and len(node.args) > 1:
             mode = ast.unparse(node.args[1])

@@ -117,8 +117,15 @@ def test_stores_do_not_import_the_datamodules():
 
 
 def test_old_import_paths_still_work():
-    from itm.data import FeatureSplit, FeatureStore, NpyImages, PrecompDataModule, open_npy_split
-    from itm.data import h5store, stores
+    from itm.data import (
+        FeatureSplit,
+        FeatureStore,
+        NpyImages,
+        PrecompDataModule,
+        h5store,
+        open_npy_split,
+        stores,
+    )
     from itm.data.precomp import FeatureSplit as F2
     from itm.data.precomp import split_files
 
@@ -129,3 +136,9 @@ def test_old_import_paths_still_work():
     assert PrecompDataModule.__module__ == "itm.data.precomp"
     with pytest.raises(AttributeError, match="no attribute 'NoSuchThing'"):
         itm.data.NoSuchThing  # noqa: B018
+
+
+def test_all_names_every_lazy_export():
+    assert sorted(itm.data.__all__) == sorted(itm.data._WHERE)
+    for name in itm.data.__all__:
+        assert getattr(itm.data, name) is not None

@@ -91,7 +91,9 @@ def test_no_other_datamodule_construction_in_train_eval_or_notebooks():
         assert "BertCaptionTokenizer" not in text, module.__name__
     for nb in NOTEBOOKS.glob("*.ipynb"):
         source = "".join(
-            "".join(c["source"]) for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code"
+            "".join(c["source"])
+            for c in json.loads(nb.read_text())["cells"]
+            if c["cell_type"] == "code"
         )
         assert "DataModule(" not in source and "instantiate(" not in source.replace(
             "instantiate(cfg.model", ""

@@ -78,7 +78,39 @@ _WHERE: dict[str, str] = {
     ),
 }
 
-__all__ = sorted(_WHERE)
+__all__ = [
+    "ArraySplit",
+    "CaptionDataset",
+    "CaptionPairDataset",
+    "DataError",
+    "DataWarning",
+    "END_ID",
+    "FeatureSplit",
+    "FeatureStore",
+    "ITMDataModule",
+    "ImageDataset",
+    "NpyImages",
+    "PAD_ID",
+    "PrecompDataModule",
+    "SPECIAL_TOKENS",
+    "SPLITS",
+    "START_ID",
+    "SyntheticDataModule",
+    "SyntheticSplit",
+    "SyntheticWorld",
+    "UNK_ID",
+    "Vocabulary",
+    "collate_captions",
+    "collate_images",
+    "collate_pairs",
+    "find_vocab",
+    "generate_synthetic",
+    "make_world",
+    "open_npy_split",
+    "oracle_recall",
+    "pfan_positions",
+    "tokenize",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -47,6 +47,7 @@ __all__ = [
     "collate_pairs",
 ]
 
+
 @dataclass
 class ArraySplit:
     """An in-memory feature store.

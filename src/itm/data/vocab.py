@@ -159,7 +159,7 @@ class Vocabulary:
         Args:
             path: destination file.
         """
-        with atomic_write(path, "w") as f:
+        with atomic_write(Path(path), "w") as f:
             json.dump(self.to_dict(), f, ensure_ascii=False)
 
     @classmethod

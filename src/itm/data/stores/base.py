@@ -42,7 +42,6 @@ def image_index(idx: int | np.integer, n: int) -> int:
     return i
 
 
-
 @dataclass
 class FeatureSplit:
     """One loaded, validated split (a :class:`FeatureStore`).
