@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from itm.data import Vocabulary
@@ -98,3 +99,33 @@ def test_no_other_datamodule_construction_in_train_eval_or_notebooks():
         assert "DataModule(" not in source and "instantiate(" not in source.replace(
             "instantiate(cfg.model", ""
         ), nb.name
+
+
+def test_captions_become_ids_in_one_place():
+    """The pair dataset, the caption dataset and ``dm.encode_caption`` (what the notebooks
+    and pictures use) give the same ids, whatever the tokenizer returns (here a tuple)."""
+    from itm.data import CaptionDataset, CaptionPairDataset, SyntheticDataModule, encode_caption
+
+    class TupleTokenizer(CharTokenizer):
+        def encode(self, caption: str):  # a tuple, not a list
+            return tuple(super().encode(caption))
+
+    dm = SyntheticDataModule(n_train=16, n_dev=8, n_test=8)
+    dm.tokenizer = TupleTokenizer(4)
+    store = dm.get_split("dev")
+    caption = store.captions[3]
+    want = encode_caption(dm.caption_tokenizer, caption)
+    assert want.dtype == torch.int64 and want.tolist() == list(TupleTokenizer(4).encode(caption))
+    assert torch.equal(dm.encode_caption(caption), want)
+    assert torch.equal(CaptionDataset(store, dm.caption_tokenizer)[3]["caption"], want)
+    assert torch.equal(CaptionPairDataset(store, dm.caption_tokenizer)[3]["caption"], want)
+
+
+def test_datasets_and_notebooks_do_not_tokenize_by_themselves():
+    """Only ``encode_caption`` calls a tokenizer's ``encode`` in the data layer and notebooks."""
+    import itm.data.datamodule
+
+    text = Path(itm.data.datamodule.__file__).read_text(encoding="utf-8")
+    assert text.count(".encode(") == 1, "captions tokenised outside encode_caption"
+    for nb in NOTEBOOKS.glob("*.ipynb"):
+        assert ".encode(" not in nb.read_text(), nb.name

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
         collate_captions,
         collate_images,
         collate_pairs,
+        encode_caption,
     )
     from itm.data.pfan import pfan_positions
     from itm.data.precomp import PrecompDataModule, find_vocab
@@ -58,6 +59,7 @@ _WHERE: dict[str, str] = {
             "collate_captions",
             "collate_images",
             "collate_pairs",
+            "encode_caption",
         ),
         "itm.data.datamodule",
     ),
@@ -103,6 +105,7 @@ __all__ = [
     "collate_captions",
     "collate_images",
     "collate_pairs",
+    "encode_caption",
     "find_vocab",
     "generate_synthetic",
     "make_world",
