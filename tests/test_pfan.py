@@ -341,7 +341,7 @@ def test_precomp_released_positions_accepted(tmp_path, caplog):
 
     dm = PrecompDataModule(root, splits=["train"])
     with (
-        caplog.at_level(logging.WARNING, logger="itm.data.precomp"),
+        caplog.at_level(logging.WARNING, logger="itm.data.stores.npy"),
         pytest.warns(DataWarning, match="PFAN position rows"),
     ):
         store = dm.get_split("train")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,6 +36,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from itm.data.build import build_datamodule
+from itm.io import atomic_write
 from itm.metrics import PROTOCOLS, RerankSpec, ensemble, evaluate_protocol
 from itm.metrics.recall import METRIC_KEYS
 from itm.utils import format_metrics_table
@@ -109,21 +110,11 @@ def data_config(cfg: DictConfig, ckpt: str | Path | None) -> DictConfig:
 def build_data(
     cfg: DictConfig, data_cfg: DictConfig, model_cfg: Mapping[str, Any], split: str | None = None
 ):
-    """The data module; with ``split`` and no ``splits`` in the data config, only the evaluated
-    split is validated (an evaluation folder may hold nothing else)."""
-    from hydra.utils import instantiate
-
+    """The data module (:func:`itm.data.build.build_datamodule`); with ``split`` and no
+    ``splits`` in the data config, only the evaluated split is validated (an evaluation folder
+    may hold nothing else)."""
     only = {"splits": [split]} if split and "splits" in data_cfg and not data_cfg.splits else {}
-    dm = instantiate(data_cfg, _convert_="all", **only)
-    text = model_cfg.get("text_encoder", {})
-    if "path" in text:  # a pretrained (BERT) text encoder brings its own tokenizer
-        from itm.data.tokenizers import BertCaptionTokenizer
-
-        dm.tokenizer = BertCaptionTokenizer(text["path"])
-    if hasattr(dm, "image_inputs"):  # per-region inputs the image encoder reads (PFAN)
-        from itm.models.encoders import declared_inputs
-
-        dm.image_inputs = declared_inputs(model_cfg.get("image_encoder", {}))
+    dm = build_datamodule(data_cfg, model_cfg, **only)
     if cfg.eval.get("batch_size"):
         dm.eval_batch_size = int(cfg.eval.batch_size)
     return dm
@@ -196,14 +187,16 @@ def score_checkpoint(
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as fh:  # a file object: np.save would append ".npy" to a name
+    """``array`` to ``path`` as ``.npy``, atomically (a file object: np.save would append
+    ".npy" to a name)."""
+    with atomic_write(path) as fh:
         np.save(fh, array)
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+def _save_text(path: Path, text: str) -> None:
+    """``text`` to ``path`` (UTF-8), atomically."""
+    with atomic_write(path, "w") as fh:
+        fh.write(text)
 
 
 def results_markdown(results: Mapping[str, Any], title: str) -> str:
@@ -285,7 +278,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             raise ValueError(f"{ckpt}: its data differs from the first checkpoint's")
         if cfg.eval.get("save_matrix"):
             path = out_dir / f"sims_{i}.npy"
-            _atomic_write(path, lambda tmp, s=sims: _save_npy(tmp, s))
+            _save_npy(path, sims)
             log.info("saved the score matrix of %s to %s", ckpt, path)
         matrices.append(sims)
         sources.append(str(ckpt))
@@ -304,7 +297,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     sims = ensemble(matrices) if len(matrices) > 1 else matrices[0]
     if len(matrices) > 1 and cfg.eval.get("save_matrix"):  # the averaged matrix that is ranked
         path = out_dir / "sims_ensemble.npy"
-        _atomic_write(path, lambda tmp: _save_npy(tmp, np.asarray(sims)))
+        _save_npy(path, np.asarray(sims))
         log.info("saved the ensemble's score matrix to %s", path)
     results = _protocol_results(sims, protocol, cfg)
 
@@ -334,16 +327,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             "label": rerank.label,
             "results": reranked,
         }
-    _atomic_write(
-        out_dir / "results.json",
-        lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2) + "\n"),
-    )
+    _save_text(out_dir / "results.json", json.dumps(payload, indent=2) + "\n")
     md = {name: m for name, m in results.items()}
     md.update({f"{name} {rr_tag}": m for name, m in reranked.items()})
     md_text = results_markdown(md, title)
     if rerank is not None:
         md_text += f"\n{rr_tag} = {rerank.label}\n"
-    _atomic_write(out_dir / "results.md", lambda tmp: Path(tmp).write_text(md_text))
+    _save_text(out_dir / "results.md", md_text)
     log.info("results: %s, %s", out_dir / "results.json", out_dir / "results.md")
     flat = {f"{name}/{k}": float(m[k]) for name, m in results.items() for k in METRIC_KEYS}
     for name, m in reranked.items():

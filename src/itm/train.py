@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from itm.checkpoint import prepare_resume, resolve_resume_path
+from itm.data.build import build_datamodule as _build_datamodule
 from itm.distributed import (
     install_hydra_ddp_launcher,
     needs_hydra_ddp_launcher,
@@ -23,20 +24,10 @@ log = logging.getLogger(__name__)
 
 
 def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
-    """Instantiate ``cfg.data``, give it the text encoder's tokenizer when the encoder brings
-    one (BERT), and copy the data's sizes (vocabulary, region feature size) into the model
-    config."""
-    dm = instantiate(cfg.data, _convert_="all")
-    text_cfg = cfg.model.text_encoder
-    if "path" in text_cfg:
-        # A pretrained (BERT) text encoder brings its own tokenizer from the same directory.
-        from itm.data.tokenizers import BertCaptionTokenizer
-
-        dm.tokenizer = BertCaptionTokenizer(text_cfg.path)
-    if hasattr(dm, "image_inputs"):  # per-region inputs the image encoder reads (PFAN)
-        from itm.models.encoders import declared_inputs
-
-        dm.image_inputs = declared_inputs(cfg.model.image_encoder)
+    """The run's DataModule (:func:`itm.data.build.build_datamodule`: the data node, the text
+    encoder's tokenizer, the image encoder's per-region inputs), with the data's sizes
+    (vocabulary, region feature size) copied into the model config."""
+    dm = _build_datamodule(cfg.data, cfg.model)
     with open_dict(cfg):
         if "vocab_size" in cfg.model.text_encoder and hasattr(dm, "vocab_size"):
             cfg.model.text_encoder.vocab_size = dm.vocab_size

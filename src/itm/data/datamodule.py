@@ -21,13 +21,15 @@ workers require; caches are dropped on pickling and rebuilt lazily in the receiv
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from itm.data.splits import SPLITS
+from itm.data.stores.base import FeatureStore
 from itm.data.synthetic import SyntheticSplit, generate_synthetic
 from itm.data.vocab import PAD_ID, Vocabulary
 
@@ -43,18 +45,8 @@ __all__ = [
     "collate_captions",
     "collate_images",
     "collate_pairs",
+    "encode_caption",
 ]
-
-SPLITS: tuple[str, ...] = ("train", "dev", "test", "testall")
-
-
-@runtime_checkable
-class FeatureStore(Protocol):
-    """What the datasets need from a split (see the module docstring)."""
-
-    images: Any  # array-like [N, K, D], images[i] -> [K, D]
-    captions: list[str]  # [N_cap]
-    cap_to_img: np.ndarray  # int64 [N_cap]
 
 
 @dataclass
@@ -107,6 +99,14 @@ class ArraySplit:
 def _image(store: FeatureStore, idx: int) -> torch.Tensor:
     """float32 [K, D] features of image ``idx`` (a copy, never a view of a memory map)."""
     return torch.from_numpy(np.array(store.images[idx], dtype=np.float32))
+
+
+def encode_caption(tokenizer: Any, caption: str) -> torch.Tensor:
+    """int64 ``[L]`` token ids of ``caption`` (end tokens included): the one place a caption
+    becomes ids. ``tokenizer`` is a :class:`~itm.data.vocab.Vocabulary` or any caption tokenizer
+    with ``encode(caption) -> list[int]`` (a BERT tokenizer; see
+    :attr:`ITMDataModule.caption_tokenizer`)."""
+    return torch.tensor(list(tokenizer.encode(caption)), dtype=torch.int64)
 
 
 #: per-region inputs a store may provide beyond the features (what ``extra_inputs`` may name)
@@ -173,7 +173,7 @@ class CaptionPairDataset(Dataset):
         img_id = int(self.store.cap_to_img[idx])
         item = {
             "image": _image(self.store, img_id),
-            "caption": torch.tensor(self.vocab.encode(self.store.captions[idx]), dtype=torch.int64),
+            "caption": encode_caption(self.vocab, self.store.captions[idx]),
             "cap_id": int(idx),
             "img_id": img_id,
         }
@@ -218,7 +218,7 @@ class CaptionDataset(Dataset):
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         return {
-            "caption": torch.tensor(self.vocab.encode(self.store.captions[idx]), dtype=torch.int64),
+            "caption": encode_caption(self.vocab, self.store.captions[idx]),
             "cap_id": int(idx),
             "cap_img_id": int(self.store.cap_to_img[idx]),
         }
@@ -384,6 +384,11 @@ class ITMDataModule(pl.LightningDataModule):
         """What turns a caption into token ids: :attr:`tokenizer` when set (BERT), else the
         word vocabulary. Anything with ``encode(caption) -> list[int]`` (pad id 0) works."""
         return self.tokenizer if self.tokenizer is not None else self.vocab
+
+    def encode_caption(self, caption: str) -> torch.Tensor:
+        """int64 ``[L]`` ids of ``caption`` under :attr:`caption_tokenizer`, exactly as the
+        datasets serve them (:func:`encode_caption`)."""
+        return encode_caption(self.caption_tokenizer, caption)
 
     @property
     def vocab_size(self) -> int:

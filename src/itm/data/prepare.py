@@ -11,7 +11,7 @@ build PFAN position rows.
 :func:`itm.data.vocab.tokenize`) and keeps those seen at least ``--threshold`` times (SCAN: 4,
 on train + dev), writing a SCAN-format ``<DIR name>_vocab.json`` into DIR by default.
 
-``h5`` writes ``OUT_DIR/<split>.h5`` per split present in DIR (see :mod:`itm.data.h5store`),
+``h5`` writes ``OUT_DIR/<split>.h5`` per split present in DIR (see :mod:`itm.data.stores.hdf5`),
 each atomically, and copies DIR's ``*_vocab.json`` along when OUT_DIR differs from DIR.
 
 ``check`` validates DIR as training would (every problem named with its file) and prints a
@@ -32,14 +32,14 @@ positions as it is).
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from itm.data.datamodule import SPLITS
+from itm.data.splits import SPLITS
 from itm.data.validation import DataError
+from itm.io import atomic_path
 
 __all__ = ["main"]
 
@@ -51,7 +51,7 @@ def _captions_of(root: Path, split: str) -> tuple[list[str], Path]:
         from itm.data.validation import read_text_lines
 
         return read_text_lines(txt, "caption"), txt
-    from itm.data.h5store import open_h5_split
+    from itm.data.stores.hdf5 import open_h5_split
 
     return open_h5_split(h5, check_finite=False, split=split).captions, h5
 
@@ -77,7 +77,7 @@ def _cmd_vocab(args: argparse.Namespace) -> int:
 
 
 def _cmd_h5(args: argparse.Namespace) -> int:
-    from itm.data.h5store import convert_split
+    from itm.data.stores.hdf5 import convert_split
 
     root = Path(args.root)
     if not root.is_dir():
@@ -98,12 +98,8 @@ def _cmd_h5(args: argparse.Namespace) -> int:
     if out_dir.resolve() != root.resolve():
         for vocab in sorted(root.glob("*_vocab.json")):
             dest = out_dir / vocab.name
-            tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-            try:
+            with atomic_path(dest) as tmp:
                 shutil.copyfile(vocab, tmp)
-                os.replace(tmp, dest)
-            finally:
-                tmp.unlink(missing_ok=True)
             print(f"copied {vocab.name} to {out_dir}")
     return 0
 
@@ -147,7 +143,7 @@ def _cmd_pfan_positions(args: argparse.Namespace) -> int:
     import numpy as np
 
     from itm.data.pfan import pfan_positions, position_columns
-    from itm.data.precomp import split_files
+    from itm.data.stores.npy import split_files
     from itm.data.validation import read_npy_header
 
     root = Path(args.root)
@@ -191,8 +187,7 @@ def _cmd_pfan_positions(args: argparse.Namespace) -> int:
         boxes = np.load(files["boxes"], mmap_mode="r")
         t0 = time.perf_counter()
         width = 2 * args.top_blocks + 1
-        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-        try:
+        with atomic_path(dest) as tmp:
             out = np.lib.format.open_memmap(
                 tmp, mode="w+", dtype=np.float64, shape=(*info.shape[:2], width)
             )
@@ -206,9 +201,6 @@ def _cmd_pfan_positions(args: argparse.Namespace) -> int:
                     raise DataError(files["boxes"], f"images {start}..{stop - 1}: {err}") from None
             out.flush()
             del out
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
         print(
             f"wrote {dest} [{info.shape[0]}, {info.shape[1]}, {width}] "
             f"({time.perf_counter() - t0:.1f} s)",

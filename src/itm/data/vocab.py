@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
 from itm.data.treebank import treebank_tokenize
+from itm.io import atomic_write
 
 __all__ = [
     "END",
@@ -154,22 +154,13 @@ class Vocabulary:
         }
 
     def to_json(self, path: str | os.PathLike[str]) -> None:
-        """Write the vocabulary in SCAN format, atomically (temp file + ``os.replace``).
+        """Write the vocabulary in SCAN format, atomically (:func:`itm.io.atomic_write`).
 
         Args:
-            path: destination file; its directory must exist.
+            path: destination file.
         """
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f, ensure_ascii=False)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(Path(path), "w") as f:
+            json.dump(self.to_dict(), f, ensure_ascii=False)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> Vocabulary:

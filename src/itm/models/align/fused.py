@@ -51,6 +51,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from itm.io import atomic_path
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no flock (and no cc/gcc toolchain either)
@@ -201,22 +203,17 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def _compile(cc: str, out: Path) -> None:
-    """Compile ``SOURCE`` into ``out`` through a temporary file in the same directory."""
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.stem, suffix=".so.tmp")
-    os.close(fd)
-    try:
+    """Compile ``SOURCE`` into ``out`` atomically (:func:`itm.io.atomic_path`: a concurrent reader
+    sees no file or the whole file; a failed build leaves nothing)."""
+    with atomic_path(out) as tmp:
         res = subprocess.run(
-            [cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300
+            [cc, *FLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True, timeout=300
         )
         if res.returncode != 0:
             raise RuntimeError(
                 f"{cc} failed to build {SOURCE.name} (exit {res.returncode}): "
                 f"{(res.stderr or res.stdout).strip()[-2000:]}"
             )
-        os.replace(tmp, out)  # atomic: a concurrent reader sees no file or the whole file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def build(verbose: bool = False) -> Path:

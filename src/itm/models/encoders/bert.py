@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,15 @@ class BertTextEncoder(nn.Module):
             (or ``vocab.txt``, when ``word_aug > 0`` needs the mask id).
         ValueError: naming ``path`` when transformers cannot load a model from it.
     """
+
+    @classmethod
+    def caption_tokenizer(cls, config: Mapping[str, Any]) -> Any:
+        """The data's caption tokenizer for this encoder built from ``config``: the WordPiece
+        tokenizer of the same BERT directory (``config["path"]``;
+        :class:`~itm.data.tokenizers.BertCaptionTokenizer`)."""
+        from itm.data.tokenizers import BertCaptionTokenizer
+
+        return BertCaptionTokenizer(str(config["path"]))
 
     def __init__(
         self,

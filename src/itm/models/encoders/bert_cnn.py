@@ -12,7 +12,9 @@ result), then Dropout and a Linear map into the joint space. One vector per capt
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +58,15 @@ class BertCNNTextEncoder(nn.Module):
             :func:`~itm.models.encoders.bert.load_local_bert`), or when ``max_words`` exceeds
             BERT's positions or a kernel is wider than ``max_words``.
     """
+
+    @classmethod
+    def caption_tokenizer(cls, config: Mapping[str, Any]) -> Any:
+        """The data's caption tokenizer for this encoder built from ``config``: the WordPiece
+        tokenizer of the same BERT directory (``config["path"]``;
+        :class:`~itm.data.tokenizers.BertCaptionTokenizer`)."""
+        from itm.data.tokenizers import BertCaptionTokenizer
+
+        return BertCaptionTokenizer(str(config["path"]))
 
     def __init__(
         self,
