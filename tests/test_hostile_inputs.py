@@ -281,8 +281,9 @@ def test_module_refuses_foreign_state_in_load_hook(compose, trained_ckpt):
 
 
 def test_training_only_differences_only_warn():
-    saved = {"text_encoder": {"_target_": "x", "word_aug": 0.0}, "embed_size": 8}
-    current = {"text_encoder": {"_target_": "x", "word_aug": 0.2}, "embed_size": 8}
+    gru = "itm.models.encoders.BiGRUTextEncoder"
+    saved = {"text_encoder": {"_target_": gru, "word_aug": 0.0}, "embed_size": 8}
+    current = {"text_encoder": {"_target_": gru, "word_aug": 0.2}, "embed_size": 8}
     with pytest.warns(UserWarning, match="model.text_encoder.word_aug was 0.0, this run uses 0.2"):
         check_model_config(saved, current)
 

@@ -4,8 +4,10 @@
   ``conf/trainer/default.yaml``). A checkpoint is written to a hidden temporary file next to its
   final name, fsync-ed and renamed (:mod:`itm.io`), so a run killed at any moment leaves either
   the previous complete ``last.ckpt`` / ``best.ckpt`` or the new one, never a truncated file.
-  Loading prefers ``weights_only=True`` (itm checkpoints hold only tensors and plain Python
-  values: the model config travels as a plain dict / YAML). ``best.ckpt`` and ``last.ckpt`` come
+  Loading is ``weights_only=True`` only, through the one reader :func:`read_checkpoint_file`
+  (itm checkpoints hold only tensors and plain Python values: the model config travels as a
+  plain dict / YAML); a file that is not an itm checkpoint gets a one-line error naming it and
+  ``itm-prepare convert``. ``best.ckpt`` and ``last.ckpt`` come
   from two stock ``ModelCheckpoint`` callbacks (``conf/callbacks/default.yaml``).
 - RNG state: :func:`collect_rng_state` / :func:`restore_rng_state` store the torch (CPU and
   CUDA), numpy and Python generators in the checkpoint (``ITMModule.on_save_checkpoint``) and
@@ -23,9 +25,13 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
+import pickle
 import random
+import re
 import warnings
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,7 +53,10 @@ __all__ = [
     "collect_rng_state",
     "config_differences",
     "find_last_checkpoint",
+    "is_itm_checkpoint",
     "load_checkpoint_file",
+    "read_checkpoint_file",
+    "require_itm_checkpoint",
     "resolve_ckpt_path",
     "restore_rng_state",
 ]
@@ -57,11 +66,8 @@ RNG_KEY = "itm_rng_state"
 
 #: model config nodes that define the architecture (a difference makes a checkpoint unusable)
 ARCH_KEYS = ("embed_size", "image_encoder", "text_encoder", "align", "pooling", "aux")
-#: keys inside those nodes that change training only, not the parameters (a difference warns);
-#: glove_path / vocab_path only initialise a new word table
-SOFT_KEYS = frozenset(
-    {"word_aug", "region_aug", "size_aug", "lr_mult", "dropout", "glove_path", "vocab_path"}
-)
+#: which keys inside those nodes change training only (a difference warns) is not listed here: a
+#: node's ``_target_`` class declares them (``training_only_options``, :mod:`itm.models.schema`)
 
 
 class CheckpointError(ValueError):
@@ -95,11 +101,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(
         self, path: Any, map_location: Any = lambda storage, loc: storage, weights_only=None
     ) -> dict[str, Any]:
-        return super().load_checkpoint(
-            path,
-            map_location=map_location,
-            weights_only=True if weights_only is None else weights_only,
-        )
+        """Resume's read: :func:`load_checkpoint_file` (``weights_only=True``, an itm
+        checkpoint or a one-line error naming the file); remote paths go to Lightning's."""
+        if weights_only is False:
+            raise CheckpointError(
+                f"checkpoint {path}: itm loads checkpoints only with weights_only=True"
+            )
+        if not _is_local(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        return load_checkpoint_file(path, map_location=map_location, mmap=False)
 
 
 # --- RNG state -----------------------------------------------------------------------------------
@@ -161,9 +171,35 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 # --- reading checkpoints, config checks ----------------------------------------------------------
 
 
-def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` with messages that name the file and the problem
-    (missing, empty / truncated / not a torch file, not an itm checkpoint)."""
+#: the only Python class a checkpoint may name besides torch's tensors and containers: the
+#: authors' files carry their ``opt`` as an ``argparse.Namespace`` (recognised, then converted)
+SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
+
+_UNSUPPORTED = re.compile(r"GLOBAL ([\w.]+)")
+
+#: how a foreign checkpoint becomes an itm one (named in every "not an itm checkpoint" error)
+CONVERT_HINT = (
+    "an authors' checkpoint (SCAN, BFAN, IMRAM, CHAN, VSE-infinity, SGRAF) is converted by "
+    "`itm-prepare convert FILE --out FILE.ckpt`"
+)
+
+
+def read_checkpoint_file(
+    path: str | Path, map_location: Any = "cpu", mmap: bool | None = None
+) -> Any:
+    """THE reader of every checkpoint file (eval, resume, notebooks, ``itm-prepare convert``):
+    ``torch.load(path, weights_only=True)`` with :data:`SAFE_GLOBALS` allowed, nothing more --
+    there is no ``weights_only=False`` fallback anywhere.
+
+    Reads itm's zip-format checkpoints (memory-mapped) and the authors' legacy pickles. A
+    pickle that names any other global (a class, or a function such as ``os.system``) is
+    refused by torch's restricted unpickler before anything of it is built or run. ``mmap``:
+    memory-map the tensors (default: for a zip-format file).
+
+    Raises:
+        CheckpointError: one line naming the file: missing, empty, unreadable, or refused (the
+            global it names is quoted).
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -172,27 +208,60 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): truncated or never written")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(
+                path,
+                map_location=map_location,
+                weights_only=True,
+                mmap=zipfile.is_zipfile(path) if mmap is None else mmap,
+            )
+    except pickle.UnpicklingError as err:
+        found = _UNSUPPORTED.search(str(err))
+        what = f"the global {found.group(1)}" if found else str(err).splitlines()[0]
+        raise CheckpointError(
+            f"checkpoint {path} was refused: it holds pickled Python objects that weights_only "
+            f"loading does not build ({what}); nothing of it was run. itm reads checkpoints with "
+            "weights_only=True and allows only tensors, plain values and argparse.Namespace "
+            f"(the authors' opt); {CONVERT_HINT}"
+        ) from None
     except Exception as err:  # noqa: BLE001 - torch raises many kinds for a damaged file
         text = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
-            raise CheckpointError(
-                f"checkpoint {path} holds pickled Python objects that weights_only loading "
-                f"refuses ({text}); itm checkpoints hold only tensors and plain values"
-            ) from err
         raise CheckpointError(
-            f"checkpoint {path} cannot be read (truncated or corrupt file?): "
+            f"checkpoint {path} cannot be read (truncated or not a torch file?): "
             f"{type(err).__name__}: {text}"
-        ) from err
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise CheckpointError(f"checkpoint {path} is not a Lightning checkpoint (no state_dict)")
-    hparams = ckpt.get("hyper_parameters") or {}
-    if not isinstance(hparams, Mapping) or not isinstance(hparams.get("cfg"), Mapping):
-        raise CheckpointError(
-            f"checkpoint {path} holds no itm model config (hyper_parameters.cfg): "
-            "not written by itm's ITMModule?"
-        )
-    return ckpt
+        ) from None
+
+
+def is_itm_checkpoint(obj: Any) -> bool:
+    """An itm checkpoint: a Lightning dict with ``state_dict`` and ``hyper_parameters.cfg``."""
+    if not isinstance(obj, Mapping) or not isinstance(obj.get("state_dict"), Mapping):
+        return False
+    hparams = obj.get("hyper_parameters")
+    return isinstance(hparams, Mapping) and isinstance(hparams.get("cfg"), Mapping)
+
+
+def require_itm_checkpoint(obj: Any, path: str | Path) -> dict[str, Any]:
+    """``obj`` (read from ``path``) when it is an itm checkpoint, else a one-line
+    :class:`CheckpointError` naming the file, what it holds, and ``itm-prepare convert``."""
+    if is_itm_checkpoint(obj):
+        return obj
+    if not isinstance(obj, Mapping):
+        what = f"not a Lightning checkpoint: a {type(obj).__name__}, not a dict"
+    elif "state_dict" not in obj:
+        keys = ", ".join(repr(k) for k in list(obj)[:6]) + (", ..." if len(obj) > 6 else "")
+        what = f"not a Lightning checkpoint: a dict with keys [{keys}] and no state_dict"
+    else:
+        what = "a Lightning checkpoint that holds no itm model config (hyper_parameters.cfg)"
+    raise CheckpointError(f"checkpoint {path} is not an itm checkpoint ({what}); {CONVERT_HINT}")
+
+
+def load_checkpoint_file(
+    path: str | Path, map_location: Any = "cpu", mmap: bool | None = None
+) -> dict[str, Any]:
+    """An itm checkpoint read by :func:`read_checkpoint_file` and checked by
+    :func:`require_itm_checkpoint` (resume; ``eval.py`` and the notebooks go through
+    :func:`itm.evaluate.load_checkpoint`, which also converts the authors' files)."""
+    return require_itm_checkpoint(read_checkpoint_file(path, map_location, mmap), path)
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -207,12 +276,27 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 _MISSING = "<absent>"
 
 
+def _same_value(key: str, a: Any, b: Any) -> bool:
+    if a == b:
+        return True
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return float(a) == float(b)
+    if key.rsplit(".", 1)[-1] == "_target_" and isinstance(a, str) and isinstance(b, str):
+        from itm.models.schema import resolve_target
+
+        # two spellings of one class (module path vs a package re-export) are the same target
+        found = resolve_target(a)
+        return found is not None and found is resolve_target(b)
+    return False
+
+
 def config_differences(
     saved: Mapping[str, Any], current: Mapping[str, Any], keys: tuple[str, ...] = ARCH_KEYS
 ) -> list[tuple[str, Any, Any]]:
     """``(dotted key, checkpoint value, this run's value)`` for every differing leaf of the
     ``keys`` nodes of two model configs. A key absent from one config and null in the other is
-    no difference (options added later default to null, e.g. ``aux``)."""
+    no difference (options added later default to null, e.g. ``aux``); ``_target_`` strings
+    are compared as the classes they import."""
     diffs = []
     for top in keys:
         a = _flatten(saved.get(top, _MISSING), top)
@@ -221,24 +305,48 @@ def config_differences(
             va, vb = a.get(k, _MISSING), b.get(k, _MISSING)
             if va in (None, _MISSING) and vb in (None, _MISSING):
                 continue
-            if va != vb and not (
-                isinstance(va, (int, float))
-                and isinstance(vb, (int, float))
-                and float(va) == float(vb)
-            ):
+            if not _same_value(k, va, vb):
                 diffs.append((k, va, vb))
     return diffs
+
+
+def _node(cfg: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def is_training_only(key: str, saved: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
+    """Whether the dotted model-config ``key`` (e.g. ``image_encoder.region_drop``) is an
+    option that changes training only: the node holding it has the same ``_target_`` class
+    in both configs and that class declares the option in ``training_only_options``."""
+    from itm.models.schema import resolve_target, training_only_options
+
+    if "." not in key:
+        return False
+    parent, leaf = key.rsplit(".", 1)
+    nodes = [_node(saved, parent), _node(current, parent)]
+    if not all(isinstance(n, Mapping) and isinstance(n.get("_target_"), str) for n in nodes):
+        return False
+    classes = [resolve_target(n["_target_"]) for n in nodes]
+    if classes[0] is None or classes[0] is not classes[1] or not isinstance(classes[0], type):
+        return False
+    return leaf in training_only_options(classes[0])
 
 
 def check_model_config(
     saved: Mapping[str, Any], current: Mapping[str, Any], source: str = "checkpoint"
 ) -> None:
     """Raise :class:`CheckpointError` naming every architecture key where the checkpoint's
-    model config differs from this run's; warn for training-only keys (augmentation, lr
-    multipliers)."""
+    model config differs from this run's; warn for training-only options (those the node's
+    class declares in ``training_only_options``: augmentation, lr multipliers, dropout, a
+    moved BERT / GloVe path)."""
     diffs = config_differences(saved, current)
-    hard = [d for d in diffs if d[0].rsplit(".", 1)[-1] not in SOFT_KEYS]
-    soft = [d for d in diffs if d[0].rsplit(".", 1)[-1] in SOFT_KEYS]
+    soft = [d for d in diffs if is_training_only(d[0], saved, current)]
+    hard = [d for d in diffs if d not in soft]
     for k, a, b in soft:
         warnings.warn(f"{source}: model.{k} was {a!r}, this run uses {b!r}", stacklevel=2)
     if hard:

@@ -8,8 +8,9 @@
     python eval.py 'eval.matrices=[run1/sims_0.npy,run2/sims_0.npy]'   # ensemble saved ones
     python eval.py ckpt_path=... eval.rerank.method=mtfn        # + MTFN re-ranked figures
 
-Each checkpoint is rebuilt from the model config it carries (``hyper_parameters.cfg``, loaded
-with ``weights_only=True``), every image and caption of the split is encoded ONCE, and the full
+Each checkpoint is rebuilt from the model config it carries (``hyper_parameters.cfg``, read
+with ``weights_only=True`` by :func:`itm.checkpoint.read_checkpoint_file`, never unpickled in
+full), every image and caption of the split is encoded ONCE, and the full
 ``[N_img, N_cap]`` matrix is scored by ``Similarity.score_matrix`` under ``eval.max_block_mb``.
 The data: ``data=...`` when given, otherwise the data config of the checkpoint's own run
 (``.hydra/config.yaml`` in a parent folder of the checkpoint). Results (R@1/5/10, medr, meanr per
@@ -51,33 +52,28 @@ __all__ = ["encode_split", "evaluate", "load_checkpoint", "score_checkpoint"]
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild an :class:`~itm.models.module.ITMModule` from a Lightning checkpoint (its
-    hyperparameters carry the resolved model config), weights loaded, in eval mode; an
-    authors' checkpoint (SCAN, BFAN, IMRAM, CHAN, VSE-infinity, SGRAF) is converted by
-    :mod:`itm.released`."""
+    """Rebuild an :class:`~itm.models.module.ITMModule` from a checkpoint, weights loaded, in
+    eval mode (``eval.py``, the notebooks).
+
+    The file is read once by :func:`itm.checkpoint.read_checkpoint_file` (``weights_only=True``;
+    never a full unpickling). An itm checkpoint is rebuilt from the model config it carries
+    (``hyper_parameters.cfg``); an authors' checkpoint (SCAN, BFAN, IMRAM, CHAN, VSE-infinity,
+    SGRAF) is converted by :mod:`itm.released`. Anything else raises a one-line
+    :class:`~itm.checkpoint.CheckpointError` naming the file and ``itm-prepare convert``.
+    """
+    from itm.checkpoint import read_checkpoint_file
     from itm.models.encoders.glove import without_word_vectors
     from itm.models.module import ITMModule
-    from itm.released import load_released
+    from itm.released import released_or_itm
 
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    released = load_released(path)  # an authors' checkpoint (SCAN, ..., SGRAF); None for itm's
-    if released is not None:
-        log.info("%s", released.summary())
-        return released.build_model().to(device).eval()
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # older / foreign checkpoints with pickled objects
-        log.warning(
-            "weights_only load of %s failed (%s); loading it fully (trusted file)", path, err
-        )
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    hparams = ckpt.get("hyper_parameters") or {}
-    if "cfg" not in hparams:
-        raise ValueError(f"{path} holds no model config (hyper_parameters.cfg): not an itm run?")
-    model = ITMModule(without_word_vectors(hparams["cfg"]))
-    model.load_state_dict(ckpt["state_dict"])
+    found = released_or_itm(read_checkpoint_file(path), path)
+    if not isinstance(found, Mapping):  # an authors' checkpoint, converted
+        log.info("%s", found.summary())
+        return found.build_model().to(device).eval()
+    model = ITMModule(without_word_vectors(found["hyper_parameters"]["cfg"]))
+    model.load_state_dict(found["state_dict"])
     return model.to(device).eval()
 
 

@@ -3,7 +3,7 @@
 Researchers hold checkpoints written by the authors' training code of SCAN, BFAN, IMRAM, CHAN,
 VSE-infinity and SGRAF: ``torch.save`` dicts ``{'model': ..., 'opt': argparse.Namespace, 'epoch',
 'best_rsum', ...}`` in torch's legacy pickle format. This package reads them safely
-(:func:`~itm.released.base.read_checkpoint`: ``weights_only=True`` with ``argparse.Namespace`` as
+(:func:`~itm.checkpoint.read_checkpoint_file`, the one checkpoint reader: ``weights_only=True`` with ``argparse.Namespace`` as
 the one extra allowed class), recognises the repository by the file's structure and options, and
 builds the equivalent itm model (config from the project's own recipes and the checkpoint's
 options, weights renamed onto itm's modules): one small file per repository.
@@ -24,19 +24,22 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from itm.checkpoint import CheckpointError
+from itm.checkpoint import CheckpointError, is_itm_checkpoint, require_itm_checkpoint
 from itm.released import bfan, chan, imram, scan, sgraf, vse_infty
 from itm.released.base import Released, describe, read_checkpoint
 
-__all__ = ["FORMATS", "Released", "convert_released", "identify", "load_released"]
+__all__ = [
+    "FORMATS",
+    "Released",
+    "convert_released",
+    "identify",
+    "is_itm_checkpoint",
+    "load_released",
+    "released_or_itm",
+]
 
 #: the recognised formats, each a module with ``FORMAT``, ``REPOSITORY``, ``matches``, ``convert``
 FORMATS = (scan, bfan, imram, chan, vse_infty, sgraf)
-
-
-def is_itm_checkpoint(obj: Any) -> bool:
-    """A Lightning checkpoint (written by itm or Lightning): ``state_dict`` at the top."""
-    return isinstance(obj, Mapping) and "state_dict" in obj
 
 
 def _opt_dict(obj: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -64,7 +67,8 @@ def identify(obj: Any, path: str | Path = "<checkpoint>"):
     raise CheckpointError(
         f"checkpoint {path} is of no kind itm reads: found {describe(obj)}. itm reads its own "
         "checkpoints (a Lightning dict with state_dict and hyper_parameters.cfg) and the "
-        f"authors' files ({{'model': ..., 'opt': Namespace, ...}}) of {names}"
+        f"authors' files ({{'model': ..., 'opt': Namespace, ...}}) of {names}, which "
+        "`itm-prepare convert FILE --out FILE.ckpt` rewrites as itm checkpoints"
     )
 
 
@@ -82,7 +86,14 @@ def load_released(path: str | Path) -> Released | None:
             any class or function besides argparse.Namespace), of an unknown kind, or an
             authors' format with options itm cannot express.
     """
-    obj = read_checkpoint(path)
-    if is_itm_checkpoint(obj):
-        return None
+    found = released_or_itm(read_checkpoint(path), path)
+    return found if isinstance(found, Released) else None
+
+
+def released_or_itm(obj: Any, path: str | Path) -> Released | dict[str, Any]:
+    """An already-read checkpoint ``obj`` as an itm checkpoint dict (returned as is) or a
+    converted authors' one; anything else raises a one-line :class:`CheckpointError` naming the
+    file, what it holds and ``itm-prepare convert``."""
+    if isinstance(obj, Mapping) and "state_dict" in obj:
+        return require_itm_checkpoint(obj, path)
     return convert_released(obj, path)

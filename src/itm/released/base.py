@@ -10,18 +10,15 @@ it), renames the weights onto the itm module names, and lists what had no itm co
 from __future__ import annotations
 
 import argparse
-import pickle
 import re
-import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from itm.checkpoint import CheckpointError
+from itm.checkpoint import SAFE_GLOBALS, CheckpointError, read_checkpoint_file
 
 __all__ = [
     "BOOKKEEPING",
@@ -38,52 +35,9 @@ __all__ = [
     "read_checkpoint",
 ]
 
-#: the only Python class the authors' files need besides torch's tensors and containers: their
-#: ``opt`` is an ``argparse.Namespace`` of str / int / float / bool / None values (and, in CHAN's,
-#: a word -> id dict)
-SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
-
-_UNSUPPORTED = re.compile(r"GLOBAL ([\w.]+)")
-
-
-def read_checkpoint(path: str | Path) -> Any:
-    """``torch.load(path, weights_only=True)`` with :data:`SAFE_GLOBALS` allowed, nothing more.
-
-    Reads itm's own zip-format checkpoints (memory-mapped, so a large file costs little to look
-    at) and the authors' files, which are legacy (pre-zip) torch pickles holding an
-    ``argparse.Namespace``. A pickle that names any other global (a class, or a function such
-    as ``os.system`` that a hostile file would call) is refused by torch's restricted unpickler
-    before anything of it is built or run.
-
-    Raises:
-        CheckpointError: naming the file: missing, empty, unreadable, or holding an object of a
-            kind that safe loading refuses (the global it names is quoted).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): truncated or never written")
-    try:
-        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-            return torch.load(
-                path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
-            )
-    except pickle.UnpicklingError as err:
-        found = _UNSUPPORTED.search(str(err))
-        what = f"the global {found.group(1)}" if found else str(err).splitlines()[0]
-        raise CheckpointError(
-            f"checkpoint {path} was refused: it holds a pickled object that safe loading does "
-            f"not build ({what}); nothing of it was run. itm reads checkpoints with "
-            "weights_only=True and allows only tensors, plain values and argparse.Namespace "
-            "(the authors' opt)"
-        ) from None
-    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a damaged file
-        text = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(
-            f"checkpoint {path} cannot be read (truncated or not a torch file?): "
-            f"{type(err).__name__}: {text}"
-        ) from None
+#: the reader (one for every checkpoint: :func:`itm.checkpoint.read_checkpoint_file`) and the
+#: one class it allows besides tensors and containers (the authors' ``opt`` Namespace)
+read_checkpoint = read_checkpoint_file
 
 
 def describe(obj: Any, depth: int = 0) -> str:

@@ -14,6 +14,8 @@ captions of the same image included), keeps the hardest negative and adds
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
@@ -42,6 +44,11 @@ class AngularLoss(AuxLoss):
         angle_bound: ``tan^2`` of the angle bound (1.0, i.e. 45 degrees).
         max_violation: hardest negative only (true) or all negatives (false).
     """
+
+    #: options that change training only (:mod:`itm.models.schema`): resume may change them
+    training_only_options: ClassVar[frozenset[str]] = frozenset(
+        {"decay", "decay_every", "last_epoch"}
+    )
 
     inputs = "global"
 

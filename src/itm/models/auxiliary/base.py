@@ -17,6 +17,8 @@ module multiplies it by ``weight_at(current_epoch)`` (an epoch of weight 0 skips
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import nn
 
 __all__ = ["AUX_INPUTS", "AuxLoss"]
@@ -26,6 +28,9 @@ AUX_INPUTS = ("fragments", "global")
 
 class AuxLoss(nn.Module):
     """Base class of the ``model/aux`` losses (see the module docstring)."""
+
+    #: options that change training only (:mod:`itm.models.schema`): resume may change them
+    training_only_options: ClassVar[frozenset[str]] = frozenset({"weight"})
 
     #: what the LightningModule passes to :meth:`forward`: ``"fragments"`` or ``"global"``.
     inputs: str = "fragments"

@@ -14,6 +14,8 @@ Sub-module names follow the authors' ``caption_model`` (``encoder.vid2hid``, ``e
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -103,6 +105,9 @@ class CaptionLoss(AuxLoss):
         max_len: longest label sequence, ``<start>`` and ``<end>`` included (60).
         input_dropout: dropout of the encoder's input and of the decoder's step input (0.2).
     """
+
+    #: options that change training only (:mod:`itm.models.schema`): resume may change them
+    training_only_options: ClassVar[frozenset[str]] = frozenset({"input_dropout"})
 
     inputs = "fragments"
 

@@ -10,7 +10,7 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -116,6 +116,9 @@ class BertTextEncoder(nn.Module):
             (or ``vocab.txt``, when ``word_aug > 0`` needs the mask id).
         ValueError: naming ``path`` when transformers cannot load a model from it.
     """
+
+    #: options that change training only (:mod:`itm.models.schema`): resume may change them
+    training_only_options: ClassVar[frozenset[str]] = frozenset({"path", "lr_mult", "word_aug"})
 
     @classmethod
     def caption_tokenizer(cls, config: Mapping[str, Any]) -> Any:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,9 @@ class BertCNNTextEncoder(nn.Module):
             :func:`~itm.models.encoders.bert.load_local_bert`), or when ``max_words`` exceeds
             BERT's positions or a kernel is wider than ``max_words``.
     """
+
+    #: options that change training only (:mod:`itm.models.schema`): resume may change them
+    training_only_options: ClassVar[frozenset[str]] = frozenset({"path", "dropout"})
 
     @classmethod
     def caption_tokenizer(cls, config: Mapping[str, Any]) -> Any:

@@ -12,6 +12,7 @@ an image has unit norm over its regions (see :func:`region_l2norm`). The ``gru_l
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -102,6 +103,9 @@ class GCNImageEncoder(nn.Module):
             wording suggests it, the code does not). Applies to the pre-norm and to V*.
         region_drop: probability of dropping each region in training (0 = off).
     """
+
+    #: options that change training only (:mod:`itm.models.schema`): resume may change them
+    training_only_options: ClassVar[frozenset[str]] = frozenset({"region_drop"})
 
     def __init__(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +27,9 @@ class FCImageEncoder(nn.Module):
         region_drop: probability of dropping each region in training (size augmentation, 0.2
             in the CHAN / VSE-infinity recipes; 0 = off).
     """
+
+    #: options that change training only (:mod:`itm.models.schema`): resume may change them
+    training_only_options: ClassVar[frozenset[str]] = frozenset({"region_drop"})
 
     def __init__(
         self,

@@ -18,6 +18,7 @@ the block weights stay close to uniform; p is close to the mean of the block emb
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,9 @@ class PFANImageEncoder(nn.Module):
     pos_dim), torch's default init [``fc_att``]; ``pos_embed`` Embedding(G^2 + 1, pos_dim),
     N(0, 1) [``position_embedding``].
     """
+
+    #: options that change training only (:mod:`itm.models.schema`): resume may change them
+    training_only_options: ClassVar[frozenset[str]] = frozenset({"region_drop"})
 
     #: per-region inputs this encoder reads besides the features (the datamodule serves them
     #: and the LightningModule passes them as keyword arguments)

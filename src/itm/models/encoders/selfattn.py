@@ -20,6 +20,8 @@ and never read by the heads.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
@@ -47,6 +49,9 @@ class SelfAttentionImageEncoder(FCImageEncoder):
         norm: l2-normalise each region embedding.
         region_drop: probability of dropping each region in training (0.2 in CHAN's recipe).
     """
+
+    #: options that change training only (:mod:`itm.models.schema`): resume may change them
+    training_only_options: ClassVar[frozenset[str]] = frozenset({"dropout"})
 
     def __init__(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +53,11 @@ class BiGRUTextEncoder(nn.Module):
         ValueError: ``glove_path`` without ``vocab_path``, a vocabulary larger than
             ``vocab_size``, or a GloVe file of another dimension than ``word_dim``.
     """
+
+    #: options that change training only (:mod:`itm.models.schema`): resume may change them
+    training_only_options: ClassVar[frozenset[str]] = frozenset(
+        {"word_aug", "glove_path", "vocab_path"}
+    )
 
     #: id written for a masked word (the SCAN vocabulary's ``<unk>``).
     mask_id: int = UNK_ID

@@ -12,6 +12,8 @@ dropout are then exactly the ones specified.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -124,6 +126,9 @@ class TransformerImageEncoder(nn.Module):
         norm: l2-normalise each region state.
         region_drop: probability of dropping each region in training (0 = off).
     """
+
+    #: options that change training only (:mod:`itm.models.schema`): resume may change them
+    training_only_options: ClassVar[frozenset[str]] = frozenset({"dropout", "region_drop"})
 
     def __init__(
         self,
