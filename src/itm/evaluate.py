@@ -103,17 +103,61 @@ def data_config(cfg: DictConfig, ckpt: str | Path | None) -> DictConfig:
     return data
 
 
+def _accepts_splits(data_cfg: DictConfig) -> bool:
+    """Whether the data config's ``_target_`` class takes a ``splits`` argument."""
+    import inspect
+
+    from itm.models.schema import resolve_target
+
+    target = data_cfg.get("_target_")
+    cls = resolve_target(str(target)) if target else None
+    if cls is None:
+        return "splits" in data_cfg
+    try:
+        return "splits" in inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return "splits" in data_cfg
+
+
 def build_data(
     cfg: DictConfig, data_cfg: DictConfig, model_cfg: Mapping[str, Any], split: str | None = None
 ):
-    """The data module (:func:`itm.data.build.build_datamodule`); with ``split`` and no
-    ``splits`` in the data config, only the evaluated split is validated (an evaluation folder
-    may hold nothing else)."""
-    only = {"splits": [split]} if split and "splits" in data_cfg and not data_cfg.splits else {}
+    """The data module (:func:`itm.data.build.build_datamodule`); with ``split``, only that
+    split is read and validated, whatever the data config's (or its run's) ``splits`` say: an
+    evaluation never opens the train split (a NaN-scan of ~33 GB on COCO), and an evaluation
+    folder may hold nothing else."""
+    only = {"splits": [split]} if split and _accepts_splits(data_cfg) else {}
     dm = build_datamodule(data_cfg, model_cfg, **only)
     if cfg.eval.get("batch_size"):
         dm.eval_batch_size = int(cfg.eval.batch_size)
     return dm
+
+
+class DataCache:
+    """The data modules of one evaluation, shared by the checkpoints of an ensemble that read
+    the same data the same way (equal data config, tokenizer and per-region inputs): each
+    split is opened and validated once, not once per ensemble member."""
+
+    def __init__(self) -> None:
+        self._modules: dict[str, Any] = {}
+
+    def get(self, cfg: DictConfig, data_cfg: DictConfig, model_cfg: Mapping[str, Any], split: str):
+        text = model_cfg.get("text_encoder", {}) or {}
+        image = model_cfg.get("image_encoder", {}) or {}
+        key = json.dumps(
+            [
+                OmegaConf.to_container(data_cfg, resolve=True),
+                text.get("_target_"),  # the tokenizer the text encoder brings
+                text.get("path") if "path" in text else None,
+                image.get("_target_"),
+                split,
+            ],
+            sort_keys=True,
+            default=str,
+        )
+        if key not in self._modules:
+            self._modules[key] = build_data(cfg, data_cfg, model_cfg, split)
+        return self._modules[key]
 
 
 # --- encoding and scoring ----------------------------------------------------------------------
@@ -147,11 +191,12 @@ def encode_split(model, dm, split: str) -> dict[str, torch.Tensor]:
 
 
 def score_checkpoint(
-    ckpt: str | Path, cfg: DictConfig, split: str, device: str
+    ckpt: str | Path, cfg: DictConfig, split: str, device: str, data: DataCache | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(sims [N_img, N_cap] float32, cap_to_img [N_cap])`` of one checkpoint."""
+    """``(sims [N_img, N_cap] float32, cap_to_img [N_cap])`` of one checkpoint; ``data``
+    shares the data modules between the checkpoints of an ensemble."""
     model = load_checkpoint(ckpt, device)
-    dm = build_data(cfg, data_config(cfg, ckpt), model.cfg, split)
+    dm = (data or DataCache()).get(cfg, data_config(cfg, ckpt), model.cfg, split)
     t0 = time.perf_counter()
     e = encode_split(model, dm, split)
     t1 = time.perf_counter()
@@ -267,8 +312,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     matrices, sources, mapping = [], [], None
+    data = DataCache()
     for i, ckpt in enumerate(ckpts):
-        sims, cap_to_img = score_checkpoint(ckpt, cfg, split, device)
+        sims, cap_to_img = score_checkpoint(ckpt, cfg, split, device, data)
         mapping = cap_to_img if mapping is None else mapping
         if not np.array_equal(mapping, cap_to_img):
             raise ValueError(f"{ckpt}: its data differs from the first checkpoint's")
