@@ -18,7 +18,9 @@
   like an uninterrupted one (bit-for-bit on CPU with a fixed thread count).
 - :func:`resolve_ckpt_path`: ``ckpt_path=last`` means the most recently written ``last.ckpt``
   under ``<paths.log_dir>/<task_name>/`` (``runs/*/checkpoints/`` and
-  ``multiruns/*/*/checkpoints/``); any other value is a path.
+  ``multiruns/*/*/checkpoints/``); inside a Hydra multirun, the newest of the runs with the
+  job's own overrides (each job of a re-launched sweep resumes its own run; a job with no
+  earlier run starts afresh); any other value is a path.
 - :func:`check_model_config`: a checkpoint whose model config differs from the run's in its
   architecture is refused with the differing keys.
 """
@@ -361,30 +363,93 @@ def check_model_config(
 # --- ckpt_path=last --------------------------------------------------------------------------------
 
 
-def find_last_checkpoint(root: str | Path, exclude: str | Path | None = None) -> Path | None:
+def job_identity(overrides: Any) -> frozenset[str]:
+    """A job's command-line overrides as a set, ``ckpt_path`` and ``hydra.*`` left out (they
+    say how a job runs, not which job it is): ``["lr=1", "ckpt_path=last"]`` -> ``{"lr=1"}``."""
+    out = set()
+    for item in overrides or ():
+        text = str(item).strip()
+        key = text.split("=", 1)[0].lstrip("+~")
+        if key == "ckpt_path" or key.startswith("hydra."):
+            continue
+        out.add(text)
+    return frozenset(out)
+
+
+def run_overrides(run_dir: str | Path) -> frozenset[str] | None:
+    """:func:`job_identity` of the run in ``run_dir`` (its ``.hydra/overrides.yaml``), or
+    ``None`` when the run folder has none."""
+    import yaml
+
+    path = Path(run_dir) / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return None
+    try:
+        items = yaml.safe_load(path.read_text()) or []
+    except (OSError, yaml.YAMLError):
+        return None
+    return job_identity(items) if isinstance(items, list) else None
+
+
+def multirun_job_overrides() -> list[str] | None:
+    """The task overrides of the current Hydra multirun job, or ``None`` outside a multirun."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return [str(o) for o in (hc.overrides.task or [])]
+
+
+def find_last_checkpoint(
+    root: str | Path, exclude: str | Path | None = None, job: Any = None
+) -> Path | None:
     """The most recently modified ``last.ckpt`` under ``root`` (``runs/*/checkpoints`` and
-    ``multiruns/*/*/checkpoints``; any depth as a fallback), ``exclude``'s subtree skipped."""
+    ``multiruns/*/*/checkpoints``; any depth as a fallback), ``exclude``'s subtree skipped.
+
+    ``job``: the overrides of a multirun job; only runs with the same overrides (see
+    :func:`job_identity`; ``.hydra/overrides.yaml`` of the run folder) are candidates, so each
+    job of a re-launched sweep finds its own earlier run, not the newest of the sweep."""
     root = Path(root)
     if not root.is_dir():
         return None
     skip = Path(exclude).resolve() if exclude else None
+    wanted = job_identity(job) if job is not None else None
     found = [
         p
         for p in root.glob("**/checkpoints/last.ckpt")
-        if p.is_file() and not (skip and skip in p.resolve().parents)
+        if p.is_file()
+        and not (skip and skip in p.resolve().parents)
+        and (wanted is None or run_overrides(p.parent.parent) == wanted)
     ]
     if not found:
         return None
     return max(found, key=lambda p: (p.stat().st_mtime_ns, str(p)))
 
 
-def resolve_ckpt_path(ckpt_path: Any, log_root: str | Path, exclude: str | Path | None = None):
+def resolve_ckpt_path(
+    ckpt_path: Any, log_root: str | Path, exclude: str | Path | None = None, job: Any = None
+):
     """``None`` -> ``None``; ``"last"`` -> :func:`find_last_checkpoint` under ``log_root``; a
-    path -> itself, checked to exist. Raises :class:`CheckpointError` with the place searched."""
+    path -> itself, checked to exist. Raises :class:`CheckpointError` with the place searched.
+
+    With ``job`` (a multirun job's overrides) ``last`` is that job's own earlier run; a job
+    that has none (a sweep point the killed sweep never reached) starts afresh (``None``)."""
     if ckpt_path is None or str(ckpt_path) == "":
         return None
     if str(ckpt_path) == "last":
-        found = find_last_checkpoint(log_root, exclude)
+        found = find_last_checkpoint(log_root, exclude, job)
+        if found is None and job is not None:
+            log.warning(
+                "ckpt_path=last: no earlier run of this multirun job (overrides %s) under %s "
+                "has a checkpoints/last.ckpt: starting afresh",
+                sorted(job_identity(job)),
+                log_root,
+            )
+            return None
         if found is None:
             raise CheckpointError(
                 f"ckpt_path=last: no run under {log_root} has a checkpoints/last.ckpt "
@@ -443,9 +508,10 @@ def rng_state_from(checkpoint: Mapping[str, Any]) -> Mapping[str, Any] | None:
 # --- the training entry point's helpers ----------------------------------------------------------
 
 
-def resolve_resume_path(cfg: Any) -> str | None:
+def resolve_resume_path(cfg: Any, job: Any = None) -> str | None:
     """``cfg.ckpt_path`` resolved (:func:`resolve_ckpt_path`): ``last`` is searched under
-    ``<paths.log_dir>/<task_name>``, this run's own output directory excluded."""
+    ``<paths.log_dir>/<task_name>``, this run's own output directory excluded; inside a Hydra
+    multirun (or with ``job``, a job's overrides) among the runs of the same job only."""
     ckpt = cfg.get("ckpt_path")
     if ckpt is None:
         return None
@@ -456,4 +522,6 @@ def resolve_resume_path(cfg: Any) -> str | None:
         exclude = paths.get("output_dir")
     except Exception:  # noqa: BLE001 - ${hydra:...} outside a Hydra app
         exclude = None
-    return resolve_ckpt_path(ckpt, root, exclude)
+    if job is None:
+        job = multirun_job_overrides()
+    return resolve_ckpt_path(ckpt, root, exclude, job)

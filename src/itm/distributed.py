@@ -7,7 +7,8 @@ timestamped sweep directory and keeps its processes alive across jobs.
 
 :func:`install_hydra_ddp_launcher` replaces that command with the CURRENT JOB only: the script,
 Hydra's config flags of the parent (``--config-path`` / ``--config-name`` / ``--config-dir``),
-the job's own overrides (``hydra.overrides.task``, sweep values included), ``hydra.mode=RUN``,
+the job's own overrides (``hydra.overrides.task``, sweep values included; ``ckpt_path`` set to
+the file rank 0 resolved, :func:`set_resume_path`), ``hydra.mode=RUN``,
 ``hydra.run.dir=<the job's output dir>`` and ``hydra.output_subdir=null``. Every rank of a job
 then works in the job's directory and no second sweep directory appears.
 :func:`release_job_processes` ends a job cleanly in the process that launched the other ranks
@@ -38,12 +39,32 @@ __all__ = [
     "install_hydra_ddp_launcher",
     "needs_hydra_ddp_launcher",
     "release_job_processes",
+    "set_resume_path",
 ]
 
 _LAUNCHER_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # Hydra overrides of the parent that still make sense for a single-run child.
 _KEEP_HYDRA = ("hydra.job.chdir", "hydra.job.env_set", "hydra.verbose", "hydra/job_logging")
 _PATCHED = "_hydra_subprocess_cmd"
+# the checkpoint the current job resumes, as resolved by rank 0 (``ckpt_path=last`` resolved once)
+_RESUME: dict[str, str | None] = {}
+
+
+def set_resume_path(path: str | None) -> None:
+    """Record the checkpoint this job resumes (``None``: none), so that the ranks started by
+    :func:`hydra_job_command` resume the same file instead of resolving ``ckpt_path=last``
+    again (in a multirun child, a single run, it would mean another run)."""
+    _RESUME["ckpt_path"] = path
+
+
+def _job_overrides(task: Sequence[Any]) -> list[str]:
+    out = [str(o) for o in task]
+    if "ckpt_path" not in _RESUME:
+        return out
+    path = _RESUME["ckpt_path"]
+    out = [o for o in out if o.split("=", 1)[0].lstrip("+~") != "ckpt_path"]
+    out.append(f"ckpt_path={_quote(path)}" if path else "ckpt_path=null")
+    return out
 
 
 def _quote(value: str) -> str:
@@ -82,7 +103,7 @@ def hydra_job_command(local_rank: int) -> tuple[Sequence[str], str]:
     else:
         command = [sys.executable, "-m", spec.name]
     command += hydra_config_flags(sys.argv[1:])
-    command += [str(o) for o in hc.overrides.task]
+    command += _job_overrides(hc.overrides.task)
     command += [str(o) for o in hc.overrides.hydra if str(o).lstrip("+~").startswith(_KEEP_HYDRA)]
     command += [
         "hydra.mode=RUN",

@@ -15,6 +15,7 @@ from itm.distributed import (
     install_hydra_ddp_launcher,
     needs_hydra_ddp_launcher,
     release_job_processes,
+    set_resume_path,
 )
 from itm.loggers import WANDB_RUN_KEY, instantiate_loggers
 from itm.models.module import ITMModule
@@ -96,7 +97,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: pl.Trainer | None = None
     failed = False
     try:
-        ckpt_path = resolve_resume_path(cfg)  # ckpt_path=last -> the newest last.ckpt
+        # ckpt_path=last -> the newest last.ckpt (in a multirun: of this job's own runs)
+        ckpt_path = resolve_resume_path(cfg)
+        set_resume_path(ckpt_path)  # DDP ranks started from here resume the same file
         dm = build_datamodule(cfg)
         model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
         assert isinstance(model_cfg, dict)
