@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from itm.metrics import (
-    RetrievalRecall,
+    CrossModalRecall,
     ensemble,
     evaluate_protocol,
     ranks_i2t_t2i,
@@ -183,7 +183,22 @@ def test_wrong_shapes_raise() -> None:
         recall_at_k(torch.tensor([[0.0, float("nan")], [0.0, 1.0]]), captions_per_image=1)
 
 
-# ----------------------------------------------------------------------------- RetrievalRecall
+# ----------------------------------------------------------------------------- CrossModalRecall
+
+
+def test_the_metric_does_not_shadow_torchmetrics_retrieval_recall() -> None:
+    """itm's matrix recall has its own name: ``from itm.metrics import *`` next to torchmetrics'
+    per-query ``RetrievalRecall`` must not replace one with the other."""
+    import torchmetrics.retrieval
+
+    import itm.metrics
+    import itm.metrics.recall
+
+    assert CrossModalRecall.__name__ == "CrossModalRecall"
+    for module in (itm.metrics, itm.metrics.recall):
+        assert not hasattr(module, "RetrievalRecall"), module.__name__
+        assert "RetrievalRecall" not in getattr(module, "__all__", ())
+    assert torchmetrics.retrieval.RetrievalRecall is not CrossModalRecall
 
 
 def _shuffled_padded_slices(n_img: int, seed: int, world: int = 3) -> list[torch.Tensor]:
@@ -197,7 +212,7 @@ def _shuffled_padded_slices(n_img: int, seed: int, world: int = 3) -> list[torch
 def test_retrieval_recall_shuffled_duplicated_slices() -> None:
     sims = torch.from_numpy(np.random.default_rng(2).standard_normal((11, 55)))
     expected = recall_at_k(sims)
-    metric = RetrievalRecall(captions_per_image=5)
+    metric = CrossModalRecall(captions_per_image=5)
     for ids in _shuffled_padded_slices(11, seed=0):
         for chunk in ids.split(2):  # several batches per "rank"
             metric.update(sims[chunk], chunk)
@@ -216,12 +231,12 @@ def test_retrieval_recall_shuffled_duplicated_slices() -> None:
 def test_retrieval_recall_cap_to_img() -> None:
     perm = torch.tensor([7, 2, 9, 0, 5, 1, 8, 3, 6, 4])
     sims = torch.tensor(H, dtype=torch.float64)[:, perm]
-    in_ctor = RetrievalRecall(cap_to_img=perm // 5)
+    in_ctor = CrossModalRecall(cap_to_img=perm // 5)
     in_ctor.update(sims[[1]], torch.tensor([1]))
     in_ctor.update(sims[[0, 1]], torch.tensor([0, 1]))
     assert_dict_close(in_ctor.compute(), H_METRICS)
 
-    in_update = RetrievalRecall()
+    in_update = CrossModalRecall()
     in_update.update(sims[[1, 0]], torch.tensor([1, 0]), cap_to_img=perm // 5)
     assert_dict_close(in_update.compute(), H_METRICS)
     with pytest.raises(ValueError, match="differs"):
@@ -234,21 +249,21 @@ def test_retrieval_recall_cap_to_img() -> None:
 @pytest.mark.filterwarnings("ignore:The ``compute`` method:UserWarning")
 def test_retrieval_recall_missing_or_bad_ids_raise() -> None:
     sims = torch.randn(4, 20)
-    metric = RetrievalRecall()
+    metric = CrossModalRecall()
     metric.update(sims[[0, 1, 3, 3]], torch.tensor([0, 1, 3, 3]))
     with pytest.raises(ValueError, match=r"1 missing \(first: \[2\]\)"):
         metric.compute()
 
-    metric = RetrievalRecall()
+    metric = CrossModalRecall()
     metric.update(sims, torch.tensor([0, 1, 2, 7]))
     with pytest.raises(ValueError, match="out of range"):
         metric.compute()
 
     with pytest.raises(ValueError, match="before any update"):
-        RetrievalRecall().compute()
+        CrossModalRecall().compute()
     with pytest.raises(ValueError, match="img_ids"):
-        RetrievalRecall().update(sims, torch.tensor([0, 1]))
-    metric = RetrievalRecall()
+        CrossModalRecall().update(sims, torch.tensor([0, 1]))
+    metric = CrossModalRecall()
     metric.update(sims[:2], torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="caption columns"):
         metric.update(torch.randn(2, 15), torch.tensor([2, 3]))
@@ -265,7 +280,7 @@ def test_retrieval_recall_emulated_ddp_sync() -> None:
 
     local = []
     for ids in shards:
-        metric = RetrievalRecall(
+        metric = CrossModalRecall(
             dist_sync_fn=fake_all_gather, distributed_available_fn=lambda: True
         )
         for chunk in ids.split(3):
@@ -285,7 +300,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     try:
         sims = torch.from_numpy(np.random.default_rng(3).standard_normal((7, 35)))
         ids = _shuffled_padded_slices(7, seed=4, world=world)[rank]  # 4 rows each, 1 duplicate
-        metric = RetrievalRecall()
+        metric = CrossModalRecall()
         for chunk in ids.split(3):
             metric.update(sims[chunk], chunk)
         result = {k: float(v) for k, v in metric.compute().items()}

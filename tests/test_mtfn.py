@@ -13,8 +13,8 @@ import torch
 from conftest import load_fixture, run_train_cli
 from itm.data.pfan import classic_argsort
 from itm.metrics import (
+    CrossModalRecall,
     RerankSpec,
-    RetrievalRecall,
     evaluate_protocol,
     mtfn_rerank,
     recall_at_k,
@@ -224,7 +224,7 @@ def test_metric_reranks_the_gathered_matrix_once():
         + torch.rand(25, 125, generator=torch.Generator().manual_seed(0)) * 1e-4
     )
     spec = RerankSpec(t2i="oracle_groups")
-    metric = RetrievalRecall(rerank={"method": "mtfn", "t2i": "oracle_groups"})
+    metric = CrossModalRecall(rerank={"method": "mtfn", "t2i": "oracle_groups"})
     order = torch.randperm(25, generator=torch.Generator().manual_seed(1))
     for chunk in (order[:9], order[9:], order[:3]):
         metric.update(sims[chunk], chunk)

@@ -4,7 +4,7 @@ re-ranking of a score matrix (:func:`mtfn_rerank`, scored by :func:`recall_from_
 from itm.metrics.protocols import PROTOCOLS, ensemble, evaluate_protocol
 from itm.metrics.recall import (
     METRIC_KEYS,
-    RetrievalRecall,
+    CrossModalRecall,
     ranks_i2t_t2i,
     recall_at_k,
     recall_from_ranks,
@@ -15,7 +15,7 @@ __all__ = [
     "METRIC_KEYS",
     "PROTOCOLS",
     "RerankSpec",
-    "RetrievalRecall",
+    "CrossModalRecall",
     "ensemble",
     "evaluate_protocol",
     "mtfn_rerank",

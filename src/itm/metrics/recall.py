@@ -31,7 +31,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 __all__ = [
     "METRIC_KEYS",
-    "RetrievalRecall",
+    "CrossModalRecall",
     "ranks_i2t_t2i",
     "recall_at_k",
     "recall_from_ranks",
@@ -238,8 +238,11 @@ def recall_at_k(
     return recall_from_ranks(i2t, t2i)
 
 
-class RetrievalRecall(Metric):
+class CrossModalRecall(Metric):
     """Recall of a similarity matrix that arrives as row slices, possibly from several processes.
+
+    (Named so as not to shadow ``torchmetrics.retrieval.RetrievalRecall``, a per-query recall
+    of another kind: this one ranks a whole cross-modal [N_img, N_cap] matrix both ways.)
 
     Each ``update`` receives some rows of the full [N_img, N_cap] matrix together with the global
     image index of every row. Rows may come in any order, from any rank, and may be repeated (the
@@ -386,7 +389,7 @@ class RetrievalRecall(Metric):
         """Assemble the matrix in image-id order and compute the recall dict (0-dim tensors)."""
         empty = not self.rows if isinstance(self.rows, list) else self.rows.numel() == 0
         if empty:
-            raise ValueError("RetrievalRecall.compute() called before any update()")
+            raise ValueError("CrossModalRecall.compute() called before any update()")
         rows = dim_zero_cat(self.rows)  # [M, N_cap], M >= N_img with duplicates
         ids = dim_zero_cat(self.img_ids).to(rows.device)  # [M]
         mapping, n_img = self._mapping(rows.shape[1])
@@ -405,7 +408,7 @@ class RetrievalRecall(Metric):
             missing = torch.nonzero(~present).flatten()
             extra = unique_ids[(unique_ids < 0) | (unique_ids >= n_img)]
             raise ValueError(
-                f"RetrievalRecall expects every image id 0..{n_img - 1} exactly once (after "
+                f"CrossModalRecall expects every image id 0..{n_img - 1} exactly once (after "
                 f"removing duplicates); {missing.numel()} missing (first: "
                 f"{missing[:10].tolist()}), {extra.numel()} out of range (first: "
                 f"{extra[:10].tolist()})"

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from itm.callbacks import EpochClock, no_progress
-from itm.metrics import RetrievalRecall
+from itm.metrics import CrossModalRecall
 from itm.models.align.vse_infinity import GlobalAlign
 from itm.models.auxiliary.base import AUX_INPUTS
 from itm.models.functional import loss_precision
@@ -492,7 +492,7 @@ class ITMModule(pl.LightningModule):
         for key in ("img", "cap"):
             e[key] = loss_precision(e[key])
         # with eval_rerank the metric also re-ranks the matrix it gathers (once, in full)
-        metric = RetrievalRecall(cap_to_img=e["cap_to_img"].cpu(), rerank=self._rerank_spec())
+        metric = CrossModalRecall(cap_to_img=e["cap_to_img"].cpu(), rerank=self._rerank_spec())
         metric = metric.to(self.device)
         rank, world = self.global_rank, self.trainer.world_size if self.trainer else 1
         rows = torch.arange(rank, e["img"].shape[0], world, device=e["img"].device)
