@@ -300,3 +300,49 @@ def test_gram_scaling_is_exact(monkeypatch):
                 m.setattr(engine, "GRAM_SCALE_ABOVE", float("inf"))
                 plain = sim.score_matrix(img, il, cap.float() * 2.0**10, cl)
             assert torch.equal(scaled, plain), (fused, direction)
+
+
+@pytest.mark.parametrize("fused", ["1", "0"], ids=["c_kernel", "tensor_kernel"])
+@pytest.mark.parametrize("lam", [9.0, 20.0])
+def test_fast_softmax_is_bounded_for_unnormalised_fragments(monkeypatch, fused, lam):
+    """``norm: false`` encoders: fragment norms ~1e3 give raw region-word scores ~1e6, whose
+    ``exp(lambda * s)`` is inf from s ~ 4.4 (lambda 20) in float32. The fast path (the C kernel,
+    the tensor kernel with the Gram identity) takes exp only of ``lambda * normed`` with
+    ``|normed| <= 1`` (the scores l2-normed across each query set), so it stays finite and
+    equals the float64 max-shifted softmax of the reference path; the training path
+    (``masked_softmax``, torch's max-shifted softmax) is finite with finite gradients."""
+    import itm.models.align.engine as engine
+
+    monkeypatch.setenv("ITM_FUSED", fused)
+    torch.set_num_threads(1)  # docs/numerics.md: the fp32 trap of this CPU build
+    try:
+        img, il, cap, cl = _data(seed=21, n_img=4, n_cap=6, k=6, n_words=7, d=16)
+        img = (
+            img / img.norm(dim=-1, keepdim=True) * 1e3 * (1 + torch.rand(img.shape[:-1]))[..., None]
+        )
+        cap = (
+            cap / cap.norm(dim=-1, keepdim=True) * 1e3 * (1 + torch.rand(cap.shape[:-1]))[..., None]
+        )
+        raw = torch.einsum("ikd,cwd->ikcw", img, cap)
+        assert float(raw.abs().max()) > 1e5 and torch.isinf(torch.exp(lam * raw.float())).any()
+        heads = [SCAN("t2i", lam), SCAN("i2t", lam), SCAN("t2i", lam, feature_norm="l2norm")]
+        for head in heads:
+            assert engine.fast_softmax_ok(head.feature_norm, lam, torch.float32)
+            sim = Similarity(head, AvgPool())
+            with torch.no_grad():
+                ref = sim.double()(img, il, cap, cl)
+            got = sim.float().score_matrix(img.float(), il, cap.float(), cl)
+            assert torch.isfinite(got).all(), (head, fused)
+            torch.testing.assert_close(got.double(), ref, rtol=0, atol=2e-5)
+            # the training path in float32: finite scores and gradients
+            i32 = img.float().requires_grad_(True)
+            c32 = cap.float().requires_grad_(True)
+            out = sim.float()(i32, il, c32, cl)
+            out.sum().backward()
+            assert torch.isfinite(out).all() and torch.isfinite(i32.grad).all()
+            assert torch.isfinite(c32.grad).all()
+        bfan = Similarity(BFAN("equal", lam, "t2i"), None)  # its own kernel (select hook)
+        got = bfan.float().score_matrix(img.float(), il, cap.float(), cl)
+        assert torch.isfinite(got).all()
+    finally:
+        torch.set_num_threads(torch.get_num_interop_threads())
