@@ -97,6 +97,8 @@ def convert(ckpt: Mapping[str, Any], path: str | Path) -> Released:
         conv.note("belta", "read only by LSEPooling / SoftmaxPooling")
     map_encoders(conv, bidirectional=True)  # CHAN builds the BiGRU with use_bi_gru=True
     map_training(conv)
+    # the authors' adjust_learning_rate: x0.1 once at epoch lr_update (not every lr_update)
+    conv.set("model.scheduler._target_", "itm.models.schedule.decay_once", "lr_update")
     conv.map("vse_mean_warmup_epochs", "model.warmup_epochs", int, default=0)
     size_augmentation(conv)
     if conv.choose("optim", {"adam": "AdamW"}, default="adam"):

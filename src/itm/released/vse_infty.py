@@ -64,6 +64,8 @@ def convert(ckpt: Mapping[str, Any], path: str | Path) -> Released:
     conv.map("num_layers", "model.text_encoder.num_layers", int, default=1)
     conv.set("model.text_encoder.bidirectional", True)  # the authors' BiGRU: both directions
     map_training(conv)
+    # the authors' adjust_learning_rate: x0.1 once at epoch lr_update (not every lr_update)
+    conv.set("model.scheduler._target_", "itm.models.schedule.decay_once", "lr_update")
     conv.map("vse_mean_warmup_epochs", "model.warmup_epochs", int, default=0)
     drop = bool(conv.option("drop", True))
     conv.set("model.image_encoder.region_drop", 0.2 if drop else 0.0, "drop")
