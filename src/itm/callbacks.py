@@ -5,7 +5,8 @@
   the model a progress callback for block-wise evaluation scoring
   (``ITMModule.scoring_progress``), shown as a task of its bar.
 - :class:`EpochSummary`: one log line per epoch (epoch-mean loss, lr, dev rsum, training and
-  dev time) where no bar is drawn.
+  dev time) where no bar is drawn; ``STALLED`` in the epoch :class:`itm.stall.StallWarning`
+  found the loss at its collapse value.
 - :class:`EpochClock`: wall time of a training epoch with its validation taken out (the model
   logs ``train/epoch_time_s`` and ``train/samples_per_s`` from it).
 - :class:`AlignmentImages`: after each validation, logs region-word attention pictures of a few
@@ -209,11 +210,24 @@ class EpochSummary(Callback):
             parts.append(f"train {seconds:.1f} s ({rate:.0f} pairs/s)")
         if self._validated and "train/dev_time_s" in m:
             parts.append(f"dev {float(m['train/dev_time_s']):.1f} s")
+        stalled = _stalled_in(trainer)
+        if stalled is not None and stalled == trainer.current_epoch:
+            parts.append("STALLED: loss at 2 x margin x batch (raise model.warmup_epochs)")
         return "  ".join(parts)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._active(trainer):
             log.info(self.line(trainer, pl_module))
+
+
+def _stalled_in(trainer: pl.Trainer) -> int | None:
+    """The epoch in which :class:`itm.stall.StallWarning` (when configured) found the stall."""
+    from itm.stall import StallWarning
+
+    for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(cb, StallWarning) and cb.stalled_epoch is not None:
+            return cb.stalled_epoch
+    return None
 
 
 @dataclass
