@@ -930,3 +930,15 @@ def test_converted_checkpoint_fine_tunes_one_epoch(tmp_path):
     assert trained["epoch"] == 0 and trained["global_step"] == 5  # one epoch: 30 pairs / 6
     before = torch.load(out, weights_only=True)["state_dict"]["image_encoder.fc.weight"]
     assert not torch.equal(trained["state_dict"]["image_encoder.fc.weight"], before)
+
+
+def test_chan_and_vse_infty_conversions_decay_the_lr_once(tmp_path):
+    """The authors' adjust_learning_rate of CHAN / VSE-infinity: x0.1 once at lr_update; SCAN's
+    every lr_update (StepLR)."""
+    chan = load_released(RELEASED / "chan_bigru" / CASES["chan_bigru"])
+    vse = load_released(save_authors(tmp_path / "vse.pth", vse_infty_model(), VSE_OPT))
+    scan = load_released(RELEASED / "scan_t2i_lse" / CASES["scan_t2i_lse"])
+    for released in (chan, vse):
+        assert released.model_cfg["scheduler"]["_target_"] == "itm.models.schedule.decay_once"
+        assert "model.scheduler._target_=itm.models.schedule.decay_once" in released.overrides
+    assert scan.model_cfg["scheduler"]["_target_"] == "torch.optim.lr_scheduler.StepLR"
