@@ -1,0 +1,588 @@
+"""SGRAF: similarity graph reasoning and attention filtration (Diao et al., AAAI 2021;
+docs/sgraf.md).
+
+A pair is scored by a small network over similarity VECTORS rather than by pooled cosines:
+
+1. global vectors by self-attention with the mean as the query (:class:`SelfAttentionGlobal`;
+   the image's with two BatchNorms, the caption's without);
+2. each word attends to the regions (the shared t2i step of ``attention.py``, clipped_l2norm,
+   lambda 9) and its attended vector is l2-normalised;
+3. similarity vectors ``s_w = l2n(W_loc (a_w - e_w)^2 + b_loc)`` per valid word and
+   ``s_glo = l2n(W_glo (v_glo - t_glo)^2 + b_glo)``: a graph of ``n + 1`` nodes, node 0 global;
+4. ``sgr``: ``sgr_step`` rounds of graph reasoning, read out at node 0 (:class:`GraphStep`);
+   ``saf``: a learned attention filter over the nodes (:class:`AttentionFiltration`);
+5. score ``sigmoid(w_e . vector + b_e)`` in (0, 1).
+
+``module: sgraf`` holds an SGR and a SAF head (``sgr_head.*``, ``saf_head.*``) and returns the
+MEAN of their scores (the paper's SGRAF rows ensemble two separately trained models; the
+recipes do that with ``eval.py`` and both checkpoints).
+
+Cost. The projection ``W_loc`` of every word's squared difference cannot be factored (the
+square of an attention mixture does not split into per-image and per-caption parts), so the
+method is FLOP-bound. Two exact reductions are used everywhere:
+
+* the edge logits ``(W_q s_p + b_q) . (W_k s_q + b_k)`` equal ``(A s_p + c) . s_q`` plus terms
+  constant along the softmax axis ``q``, with ``A = W_k^T W_q`` and ``c = W_k^T b_q``: one
+  ``m x m`` product per node instead of two;
+* the read-out is node 0 after the last step, so the last step updates node 0 only.
+
+Train mode follows the authors' batch semantics (methods.md section 10): the image
+self-attention's BatchNorms take their statistics over all images of the call (region slot
+``r`` over the images where ``r`` is valid and the ``d`` features), SAF's BatchNorm separately
+for each caption over all images x that caption's valid nodes, with its running statistics
+updated once per caption in caption order. The training forward bounds its memory by scoring
+chunks of captions under activation checkpointing (``train_block_mb``); the statistics are
+computed functionally, so recomputation never updates a running statistic twice.
+
+Masks: ``img_mask [B1, K]``, ``cap_mask [B2, L]`` bool, True = valid; padded slots are zeroed
+on entry and masked in every mean, softmax, norm and BatchNorm statistic.
+"""
+
+from __future__ import annotations
+
+import math
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from itm.models.align.attention import (
+    masked_softmax,
+    pair_scores,
+    region_word_scores,
+    t2i_weights,
+)
+from itm.models.align.base import AlignHead, Block
+from itm.models.align.engine import Workspace
+from itm.models.functional import L2_EPS, l2n
+
+__all__ = [
+    "MODULES",
+    "SGRAF",
+    "AttentionFiltration",
+    "GraphStep",
+    "SelfAttentionGlobal",
+    "local_similarity",
+]
+
+MODULES = ("sgr", "saf", "sgraf")
+#: the authors' l1norm eps (SAF's weights ``a / (sum a + eps)``)
+L1_EPS = 1e-8
+#: rows of the ``[rows, d]`` squared-difference tile processed at once on the inference path
+#: (about 4 MB in float32: it stays in cache between its two passes and the projection)
+TILE_ROWS = 1024
+
+
+def _init_linear(layer: nn.Linear) -> None:
+    """The authors' init: Xavier-uniform weight (bound sqrt(6 / (in + out))), zero bias."""
+    bound = math.sqrt(6.0) / math.sqrt(layer.in_features + layer.out_features)
+    nn.init.uniform_(layer.weight, -bound, bound)
+    nn.init.zeros_(layer.bias)
+
+
+def _bn_eval(x: Tensor, bn: nn.BatchNorm1d, channels: slice | None = None) -> Tensor:
+    """Eval-mode BatchNorm of ``x [..., C]`` with the running statistics of ``bn`` (channel
+    last; ``channels`` selects the first ``C`` of ``bn``'s)."""
+    sel = channels if channels is not None else slice(None)
+    mean, var = bn.running_mean[sel], bn.running_var[sel]  # type: ignore[index]
+    scale = bn.weight[sel] * torch.rsqrt(var + bn.eps)  # type: ignore[operator]
+    return (x - mean) * scale + bn.bias[sel]  # type: ignore[index]
+
+
+def _running_update(bn: nn.BatchNorm1d, sel: slice, mean: Tensor, var_unbiased: Tensor) -> None:
+    """One momentum update of ``bn``'s running statistics at channels ``sel`` (no grad)."""
+    with torch.no_grad():
+        m = bn.momentum if bn.momentum is not None else 0.1
+        rm, rv = bn.running_mean, bn.running_var
+        assert rm is not None and rv is not None
+        rm[sel].mul_(1 - m).add_(m * mean.to(rm.dtype))
+        rv[sel].mul_(1 - m).add_(m * var_unbiased.to(rv.dtype))
+
+
+class SelfAttentionGlobal(nn.Module):
+    """Self-attention with the mean as the query: one global vector per set (step 1).
+
+    ``l_r = drop(tanh(BN_slot(local_fc(x_r))))``, ``g = drop(tanh(BN_d(global_fc(mean x))))``,
+    ``w = softmax_r(common_fc(l_r * g))`` over the valid items, output ``l2n(sum_r w_r x_r)``
+    (a weighting of the ORIGINAL items). The image's (``num_region`` given) has the two
+    BatchNorms ``local_bn`` (one channel per region SLOT; its statistics run over the images and
+    the features) and ``global_bn`` (over the images); the caption's has none.
+
+    ``forward(x [B, N, d], mask [B, N]) -> [B, d]``; padded items must be zero in ``x``.
+    """
+
+    def __init__(self, embed_size: int, dropout: float, num_region: int | None = None) -> None:
+        super().__init__()
+        d = int(embed_size)
+        self.local_fc = nn.Linear(d, d)
+        self.global_fc = nn.Linear(d, d)
+        self.common_fc = nn.Linear(d, 1)
+        self.num_region = num_region
+        if num_region is not None:
+            self.local_bn = nn.BatchNorm1d(int(num_region))
+            self.global_bn = nn.BatchNorm1d(d)
+        self.drop = nn.Dropout(float(dropout))
+        for layer in (self.local_fc, self.global_fc, self.common_fc):
+            _init_linear(layer)
+
+    def _slot_bn(self, x: Tensor, mask: Tensor) -> Tensor:
+        """BN_slot of ``x [B, N, d]``: channel = region slot (axis 1)."""
+        n = x.shape[1]
+        assert self.num_region is not None
+        if n > self.num_region:
+            raise ValueError(
+                f"SGRAF: images have {n} region slots but model.align.num_region="
+                f"{self.num_region} (the image self-attention's BatchNorm slots); raise it"
+            )
+        bn, sel = self.local_bn, slice(0, n)
+        if not self.training:
+            return _bn_eval(x.transpose(1, 2), bn, sel).transpose(1, 2)
+        # batch statistics per slot over the images where the slot is valid and the d features
+        w = mask.to(x.dtype)[:, :, None]  # [B, N, 1]
+        count = w.sum(dim=0).squeeze(-1) * x.shape[2]  # [N]
+        safe = count.clamp_min(1.0)
+        mean = (x * w).sum(dim=(0, 2)) / safe  # [N]
+        centred = (x - mean[None, :, None]) * w
+        var = (centred * centred).sum(dim=(0, 2)) / safe  # biased: normalising
+        out = (x - mean[None, :, None]) * torch.rsqrt(var + bn.eps)[None, :, None]
+        out = out * bn.weight[sel][None, :, None] + bn.bias[sel][None, :, None]
+        with torch.no_grad():
+            seen = count > 1
+            if bool(seen.any()):
+                unbiased = var.detach() * count / (count - 1).clamp_min(1.0)
+                rm, rv = bn.running_mean, bn.running_var
+                assert rm is not None and rv is not None and bn.num_batches_tracked is not None
+                m = bn.momentum if bn.momentum is not None else 0.1
+                new_m = (1 - m) * rm[sel] + m * mean.detach()
+                new_v = (1 - m) * rv[sel] + m * unbiased
+                rm[sel] = torch.where(seen, new_m, rm[sel])
+                rv[sel] = torch.where(seen, new_v, rv[sel])
+                bn.num_batches_tracked += 1
+        return out
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        count = mask.sum(dim=1, keepdim=True).clamp_min(1).to(x.dtype)
+        mean = x.sum(dim=1) / count  # padded items are zero
+        loc = self.local_fc(x)
+        glo = self.global_fc(mean)
+        if self.num_region is not None:
+            loc = self._slot_bn(loc, mask)
+            glo = F.batch_norm(
+                glo,
+                self.global_bn.running_mean,
+                self.global_bn.running_var,
+                self.global_bn.weight,
+                self.global_bn.bias,
+                self.training,
+                self.global_bn.momentum if self.global_bn.momentum is not None else 0.1,
+                self.global_bn.eps,
+            )
+            if self.training and self.global_bn.num_batches_tracked is not None:
+                self.global_bn.num_batches_tracked += 1
+        loc = self.drop(torch.tanh(loc))
+        glo = self.drop(torch.tanh(glo))
+        logits = self.common_fc(loc * glo[:, None, :]).squeeze(-1)  # [B, N]
+        weights = masked_softmax(logits, mask, dim=1)
+        return l2n((weights[:, :, None] * x).sum(dim=1))
+
+
+class GraphStep(nn.Module):
+    """One step of similarity graph reasoning over the nodes ``s [P, N, m]``:
+    ``E[p, q] = softmax_q((W_q s_p + b_q) . (W_k s_q + b_k))`` over the valid nodes ``q`` (no
+    1/sqrt(m)), then ``s_p <- ReLU(W_g (sum_q E[p, q] s_q) + b_g)``.
+
+    Computed as ``softmax_q((A s_p + c) . s_q)`` with ``A = W_k^T W_q``, ``c = W_k^T b_q``
+    (the dropped terms are constant along ``q``)."""
+
+    def __init__(self, sim_dim: int) -> None:
+        super().__init__()
+        m = int(sim_dim)
+        self.query = nn.Linear(m, m)
+        self.key = nn.Linear(m, m)
+        self.graph = nn.Linear(m, m)
+        for layer in (self.query, self.key, self.graph):
+            _init_linear(layer)
+
+    def folded(self) -> tuple[Tensor, Tensor]:
+        """``(A, c)``: the edge logits are ``(A s_p + c) . s_q`` (``F.linear(s, A, c)``)."""
+        wk = self.key.weight
+        return wk.T @ self.query.weight, wk.T @ self.query.bias
+
+    def forward(self, s: Tensor, node_mask: Tensor, only_first: bool = False) -> Tensor:
+        """``s [P, N, m]``, ``node_mask [P or 1, N]`` -> ``[P, N, m]`` (``only_first``: node 0's
+        update only, ``[P, m]``)."""
+        a, c = self.folded()
+        q = F.linear(s[:, :1] if only_first else s, a, c)  # [P, N or 1, m]
+        logits = torch.bmm(q, s.transpose(1, 2))  # [P, N or 1, N]
+        edges = masked_softmax(logits, node_mask[:, None, :], dim=2)
+        out = F.relu(self.graph(torch.bmm(edges, s)))
+        return out[:, 0] if only_first else out
+
+
+class AttentionFiltration(nn.Module):
+    """SAF: ``a_p = sigmoid(BN_1(attn(s_p)))``, ``beta = a / (sum_valid a + 1e-8)``, output
+    ``l2n(sum_p beta_p s_p)``. ``bn`` (BatchNorm1d(1)) is applied functionally: eval mode its
+    running statistics; train mode statistics per caption (see :meth:`batch_stats`)."""
+
+    def __init__(self, sim_dim: int) -> None:
+        super().__init__()
+        self.attn = nn.Linear(int(sim_dim), 1)
+        self.bn = nn.BatchNorm1d(1)
+        _init_linear(self.attn)
+
+    def batch_stats(self, z: Tensor, node_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-caption statistics of the logits ``z [B1, B2, N]`` over the images x the
+        caption's valid nodes (``node_mask [B2, N]``): (mean, biased var, count), each
+        ``[B2]``."""
+        w = node_mask.to(z.dtype)[None]  # [1, B2, N]
+        count = w.sum(dim=2)[0] * z.shape[0]
+        mean = (z * w).sum(dim=(0, 2)) / count
+        centred = (z - mean[None, :, None]) * w
+        var = (centred * centred).sum(dim=(0, 2)) / count
+        return mean, var, count
+
+    def filter(self, s: Tensor, z: Tensor, node_mask: Tensor) -> Tensor:
+        """``s [B1, B2, N, m]`` and normalised logits ``z [B1, B2, N]`` -> ``[B1, B2, m]``."""
+        a = torch.sigmoid(z) * node_mask.to(z.dtype)[None]
+        beta = a / (a.sum(dim=2, keepdim=True) + L1_EPS)
+        return l2n(torch.einsum("ijn,ijnm->ijm", beta, s))
+
+    def update_running(self, means: Tensor, variances: Tensor, counts: Tensor) -> None:
+        """The running statistics after one update per caption, in caption order (momentum,
+        unbiased variance), as the reference's per-caption calls leave them."""
+        bn = self.bn
+        if means.numel() == 0:
+            return
+        m = bn.momentum if bn.momentum is not None else 0.1
+        n = means.numel()
+        decay = (1 - m) ** torch.arange(n - 1, -1, -1, dtype=means.dtype, device=means.device)
+        unbiased = variances * counts / (counts - 1).clamp_min(1.0)
+        with torch.no_grad():
+            rm, rv = bn.running_mean, bn.running_var
+            assert rm is not None and rv is not None and bn.num_batches_tracked is not None
+            keep = (1 - m) ** n
+            rm.mul_(keep).add_((m * decay * means.detach()).sum().to(rm.dtype))
+            rv.mul_(keep).add_((m * decay * unbiased.detach()).sum().to(rv.dtype))
+            bn.num_batches_tracked += n
+
+
+def local_similarity(
+    img: Tensor, img_mask: Tensor, cap: Tensor, cap_mask: Tensor, lambda_softmax: float
+) -> tuple[Tensor, Tensor]:
+    """Words attend to regions (t2i, clipped_l2norm) and their attended vectors are
+    l2-normalised: ``(alpha [B1, K, B2, L], a [B1, B2, L, d])`` (padded slots zero in the
+    inputs)."""
+    s = region_word_scores(img, cap)
+    alpha = t2i_weights(s, img_mask, cap_mask, "clipped_l2norm", lambda_softmax)
+    b1, k, b2, n = alpha.shape
+    att = torch.bmm(alpha.reshape(b1, k, b2 * n).transpose(1, 2), img)  # [B1, B2*L, d]
+    return alpha, l2n(att.view(b1, b2, n, img.shape[-1]))
+
+
+class SGRAF(AlignHead):
+    """SGRAF's similarity-vector head (methods.md section 10; docs/sgraf.md).
+
+    Args:
+        module: ``sgr`` (graph reasoning), ``saf`` (attention filtration) or ``sgraf`` (an SGR
+            and a SAF head, the mean of their scores).
+        embed_size: d.
+        sim_dim: m, the size of the similarity vectors (256).
+        sgr_step: reasoning steps of ``sgr`` (3), each with its own weights.
+        lambda_softmax: the t2i attention's inverse temperature (9, fixed in the authors' code).
+        num_region: region slots of the image self-attention's BatchNorm (36); K <= num_region.
+        dropout: Dropout of the self-attention embeddings in training (0.4).
+        train_block_mb: the training forward scores chunks of captions under activation
+            checkpointing when a whole batch's per-pair activations would exceed this (MB);
+            0 = never chunk.
+
+    Parameters (architecture.md, SGRAF): ``img_global.{local_fc, local_bn, global_fc,
+    global_bn, common_fc}``, ``txt_global.{local_fc, global_fc, common_fc}``, ``sim_local``,
+    ``sim_global``, ``sim_eval``, and ``sgr.{k}.{query, key, graph}`` or ``saf.{attn, bn}``;
+    with ``module: sgraf`` the same under ``sgr_head.`` and ``saf_head.``.
+
+    Scores are in (0, 1), laid out ``[n_images, n_captions]``; the pooling group is ignored.
+    """
+
+    pooling_role = "fixed"
+    fixed_pooling_name = "its own network (the pooling group is ignored)"
+    supports_bf16 = False
+    bf16_refusal = (
+        "its cost is the per-word d -> sim_dim projection of squared differences, implemented "
+        "in float32 only"
+    )
+
+    def __init__(
+        self,
+        module: str = "sgr",
+        embed_size: int = 1024,
+        sim_dim: int = 256,
+        sgr_step: int = 3,
+        lambda_softmax: float = 9.0,
+        num_region: int = 36,
+        dropout: float = 0.4,
+        train_block_mb: float = 1024.0,
+    ) -> None:
+        super().__init__()
+        if module not in MODULES:
+            raise ValueError(f"model.align.module must be one of {MODULES}, got {module!r}")
+        if int(sgr_step) != sgr_step or sgr_step < 1:
+            raise ValueError(f"model.align.sgr_step must be a positive integer, got {sgr_step!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"model.align.dropout must lie in [0, 1), got {dropout}")
+        self.module = module
+        self.embed_size, self.sim_dim = int(embed_size), int(sim_dim)
+        self.sgr_step, self.lambda_softmax = int(sgr_step), float(lambda_softmax)
+        self.num_region, self.dropout = int(num_region), float(dropout)
+        self.train_block_mb = float(train_block_mb)
+        kw = dict(
+            embed_size=embed_size,
+            sim_dim=sim_dim,
+            sgr_step=sgr_step,
+            lambda_softmax=lambda_softmax,
+            num_region=num_region,
+            dropout=dropout,
+            train_block_mb=train_block_mb,
+        )
+        if module == "sgraf":
+            self.sgr_head = SGRAF("sgr", **kw)  # type: ignore[arg-type]
+            self.saf_head = SGRAF("saf", **kw)  # type: ignore[arg-type]
+            return
+        d, m = self.embed_size, self.sim_dim
+        self.img_global = SelfAttentionGlobal(d, dropout, self.num_region)
+        self.txt_global = SelfAttentionGlobal(d, dropout)
+        self.sim_local = nn.Linear(d, m)
+        self.sim_global = nn.Linear(d, m)
+        self.sim_eval = nn.Linear(m, 1)
+        for layer in (self.sim_local, self.sim_global, self.sim_eval):
+            _init_linear(layer)
+        if module == "sgr":
+            self.sgr = nn.ModuleList(GraphStep(m) for _ in range(self.sgr_step))
+        else:
+            self.saf = AttentionFiltration(m)
+
+    # --- pooling: ignored -------------------------------------------------------------------
+
+    def bind_pooling(self, pooling: nn.Module | None) -> None:
+        """SGRAF scores with its own network: any pooling module is accepted and ignored."""
+
+    # --- the reference path (training, and eval on small inputs) ----------------------------
+
+    def _check(self, img: Tensor) -> None:
+        if img.shape[-1] != self.embed_size:
+            raise ValueError(
+                f"SGRAF was built for embed_size={self.embed_size} but got fragments of size "
+                f"{img.shape[-1]}"
+            )
+
+    def forward(
+        self,
+        img: Tensor,
+        img_mask: Tensor,
+        cap: Tensor,
+        cap_mask: Tensor,
+        pooling: nn.Module | None = None,
+    ) -> Tensor:
+        """``img [B1, K, d]``, ``img_mask [B1, K]``, ``cap [B2, L, d]``, ``cap_mask [B2, L]``
+        -> scores ``[B1, B2]`` in (0, 1)."""
+        if self.module == "sgraf":
+            a = self.sgr_head(img, img_mask, cap, cap_mask)
+            b = self.saf_head(img, img_mask, cap, cap_mask)
+            return (a + b) / 2
+        self._check(img)
+        img = img.masked_fill(~img_mask[..., None], 0.0)
+        cap = cap.masked_fill(~cap_mask[..., None], 0.0)
+        v_glo = self.img_global(img, img_mask)  # [B1, d]: statistics over all images
+        b1, b2 = img.shape[0], cap.shape[0]
+        step = self._train_chunk(b1, img.shape[1], cap.shape[1], img.element_size())
+        if step >= b2:
+            score, stats = self._score_captions(img, img_mask, v_glo, cap, cap_mask)
+            parts, all_stats = [score], [stats]
+        else:
+            parts, all_stats = [], []
+            for j0 in range(0, b2, step):
+                sl = slice(j0, j0 + step)
+                score, stats = checkpoint(
+                    self._score_captions,
+                    img,
+                    img_mask,
+                    v_glo,
+                    cap[sl],
+                    cap_mask[sl],
+                    use_reentrant=False,
+                )
+                parts.append(score)
+                all_stats.append(stats)
+        if self.module == "saf" and self.training:
+            means, var, counts = (torch.cat([s[i] for s in all_stats]) for i in range(3))
+            self.saf.update_running(means, var, counts)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _train_chunk(self, b1: int, k: int, n: int, elem: int) -> int:
+        """Captions per chunk of the autograd forward (all of them unless the batch's per-pair
+        activations exceed ``train_block_mb``)."""
+        if not torch.is_grad_enabled() or self.train_block_mb <= 0:
+            return 1 << 60
+        per_caption = b1 * self.activation_bytes(k, n, elem)
+        return max(1, int(self.train_block_mb * 2**20 // max(per_caption, 1)))
+
+    def activation_bytes(self, k: int, n: int, elem: int) -> int:
+        """Autograd activations of one pair (what the training forward keeps for backward):
+        about six ``[L, d]`` tensors (attended, normalised, difference, square), six
+        ``[K, L]`` attention tensors and per step a few ``[N, m]`` / ``[N, N]`` ones."""
+        d, m, nodes = self.embed_size, self.sim_dim, n + 1
+        steps = self.sgr_step if self.module == "sgr" else 1
+        return elem * (6 * n * d + 6 * k * n + steps * (6 * nodes * m + 3 * nodes * nodes))
+
+    def _score_captions(
+        self, img: Tensor, img_mask: Tensor, v_glo: Tensor, cap: Tensor, cap_mask: Tensor
+    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """Scores ``[B1, B2]`` of all images against these captions, and (SAF, train mode)
+        the per-caption BatchNorm statistics (empty tensors otherwise)."""
+        t_glo = self.txt_global(cap, cap_mask)  # [B2, d]
+        _, att = local_similarity(img, img_mask, cap, cap_mask, self.lambda_softmax)
+        s_loc = l2n(self.sim_local((att - cap[None]) ** 2))  # [B1, B2, L, m]
+        s_glo = l2n(self.sim_global((v_glo[:, None] - t_glo[None]) ** 2))  # [B1, B2, m]
+        nodes = torch.cat([s_glo[:, :, None], s_loc], dim=2)  # [B1, B2, N, m]
+        node_mask = F.pad(cap_mask, (1, 0), value=True)  # [B2, N]
+        empty = img.new_zeros(0)
+        stats = (empty, empty, empty)
+        if self.module == "sgr":
+            vec = self._reason(nodes, node_mask)
+        else:
+            z = self.saf.attn(nodes).squeeze(-1)  # [B1, B2, N]
+            if self.training:
+                mean, var, count = self.saf.batch_stats(z, node_mask)
+                bn = self.saf.bn
+                zn = (z - mean[None, :, None]) * torch.rsqrt(var + bn.eps)[None, :, None]
+                z = zn * bn.weight + bn.bias
+                stats = (mean.detach(), var.detach(), count)
+            else:
+                z = _bn_eval(z[..., None], self.saf.bn)[..., 0]
+            vec = self.saf.filter(nodes, z, node_mask)
+        return torch.sigmoid(self.sim_eval(vec)).squeeze(-1), stats
+
+    def _reason(self, nodes: Tensor, node_mask: Tensor) -> Tensor:
+        """SGR over ``nodes [B1, B2, N, m]``: node 0 after the last step, ``[B1, B2, m]``."""
+        b1, b2, n, m = nodes.shape
+        s = nodes.reshape(b1 * b2, n, m)
+        mask = node_mask.repeat(b1, 1)  # [B1*B2, N]: pair p = i * B2 + j
+        for k, layer in enumerate(self.sgr):
+            s = layer(s, mask, only_first=k == self.sgr_step - 1)
+        return s.view(b1, b2, m)
+
+    def similarity_vectors(
+        self, img: Tensor, img_mask: Tensor, cap: Tensor, cap_mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The graph's nodes before reasoning, ``[B1, B2, N, m]`` (node 0 = global; padded
+        word nodes zero), and the normalised attended vectors ``[B1, B2, L, d]`` (for tests
+        and inspection; a single-module head)."""
+        img = img.masked_fill(~img_mask[..., None], 0.0)
+        cap = cap.masked_fill(~cap_mask[..., None], 0.0)
+        v_glo, t_glo = self.img_global(img, img_mask), self.txt_global(cap, cap_mask)
+        _, att = local_similarity(img, img_mask, cap, cap_mask, self.lambda_softmax)
+        s_loc = l2n(self.sim_local((att - cap[None]) ** 2)) * cap_mask[None, :, :, None]
+        s_glo = l2n(self.sim_global((v_glo[:, None] - t_glo[None]) ** 2))
+        return torch.cat([s_glo[:, :, None], s_loc], dim=2), att * cap_mask[None, :, :, None]
+
+    # --- the alignment picture ---------------------------------------------------------------
+
+    def alignment(self, img: Tensor, cap: Tensor) -> Tensor:
+        """Each word's t2i attention over the regions (the local alignment step), ``[L, K]``;
+        rows sum to 1."""
+        s, ones_i, ones_c = pair_scores(img, cap)
+        return t2i_weights(s, ones_i, ones_c, "clipped_l2norm", self.lambda_softmax)[0, :, 0].T
+
+    # --- block-wise inference ------------------------------------------------------------------
+
+    def _heads(self) -> list[SGRAF]:
+        return [self.sgr_head, self.saf_head] if self.module == "sgraf" else [self]
+
+    def prepare_images(self, img: Tensor, img_mask: Tensor) -> dict[str, Tensor]:
+        """Per image: its global vector ``glo_<module>`` of each sub-head (eval: BatchNorm from
+        running statistics, so per image; train mode falls back to :meth:`forward`)."""
+        if self.training:
+            return {}
+        return {f"glo_{h.module}": h.img_global(img, img_mask) for h in self._heads()}
+
+    def prepare_captions(self, cap: Tensor, cap_mask: Tensor) -> dict[str, Tensor]:
+        if self.training:
+            return {}
+        return {f"glo_{h.module}": h.txt_global(cap, cap_mask) for h in self._heads()}
+
+    def score_block(
+        self, images: Block, captions: Block, pooling: nn.Module | None, ws: Workspace
+    ) -> Tensor:
+        """Eval-mode scores of one block (train mode: :meth:`forward` on the block)."""
+        if self.training or not images.cache:
+            return super().score_block(images, captions, pooling, ws)
+        out = None
+        for h in self._heads():
+            part = h._block(images, captions, ws)
+            out = part if out is None else (out + part) / 2
+        assert out is not None
+        return out
+
+    def _block(self, images: Block, captions: Block, ws: Workspace) -> Tensor:
+        """One single-module head on one block (padded slots zero)."""
+        img, cap = images.emb, captions.emb
+        img_mask, cap_mask = images.mask, captions.mask
+        b1, k, d = img.shape
+        b2, n, _ = cap.shape
+        m = self.sim_dim
+        v_glo, t_glo = images.cache[f"glo_{self.module}"], captions.cache[f"glo_{self.module}"]
+        s = region_word_scores(img, cap)
+        alpha = t2i_weights(s, img_mask, cap_mask, "clipped_l2norm", self.lambda_softmax)
+        del s
+        nodes = ws.get("sgraf_nodes", (b1, b2, n + 1, m), img)
+        # global node: l2n(W_glo (v - t)^2 + b) per pair
+        diff = (v_glo[:, None] - t_glo[None]).square_()  # [B1, B2, d]
+        nodes[:, :, 0] = F.linear(diff, self.sim_global.weight, self.sim_global.bias)
+        del diff
+        # local nodes: per tile of rows, (alpha^T V / rho - e)^2 then one projection
+        a_t = alpha.reshape(b1, k, b2 * n).transpose(1, 2)  # [B1, B2*L, K]
+        w_t = self.sim_local.weight.T
+        bias = self.sim_local.bias
+        neg_e = cap.reshape(b2 * n, d).neg()
+        rows_per_img = b2 * n
+        tile_imgs = max(1, TILE_ROWS // max(rows_per_img, 1))
+        for i0 in range(0, b1, tile_imgs):
+            i1 = min(b1, i0 + tile_imgs)
+            t = i1 - i0
+            att = torch.bmm(a_t[i0:i1], img[i0:i1])  # [t, B2*L, d]
+            inv = att.norm(dim=2, keepdim=True).add_(L2_EPS).reciprocal_()
+            x = att.mul_(inv).add_(neg_e).square_()
+            proj = torch.addmm(bias, x.view(t * rows_per_img, d), w_t)
+            nodes[i0:i1, :, 1:] = proj.view(t, b2, n, m)
+        nodes = l2n(nodes)
+        node_mask = F.pad(cap_mask, (1, 0), value=True)
+        if self.module == "sgr":
+            vec = self._reason(nodes, node_mask)
+        else:
+            z = self.saf.attn(nodes).squeeze(-1)
+            z = _bn_eval(z[..., None], self.saf.bn)[..., 0]
+            vec = self.saf.filter(nodes, z, node_mask)
+        return torch.sigmoid(self.sim_eval(vec)).squeeze(-1)
+
+    def bytes_per_pair(self, n_regions: int, n_words: int, elem_size: int) -> int:
+        """Inference workspace of one pair: the ``[K, L]`` scores and weights, the pair's
+        ``[L + 1, m]`` nodes (and their normalised copy), the reasoning's per-step
+        ``[N, m]`` / ``[N, N]`` tensors and the ``[L, d]`` tile rows."""
+        total = 0
+        for h in self._heads():
+            nodes = n_words + 1
+            steps = h.sgr_step if h.module == "sgr" else 1
+            total += elem_size * (
+                6 * n_regions * n_words
+                + 2 * self.embed_size
+                + 2 * n_words * self.embed_size
+                + nodes * h.sim_dim * (2 + 4 * steps)
+                + 3 * steps * nodes * nodes
+            )
+        return total
+
+    def extra_repr(self) -> str:
+        return (
+            f"module={self.module}, embed_size={self.embed_size}, sim_dim={self.sim_dim}, "
+            f"sgr_step={self.sgr_step}, lambda_softmax={self.lambda_softmax}, "
+            f"num_region={self.num_region}, dropout={self.dropout}"
+        )
