@@ -206,7 +206,10 @@ class GraphStep(nn.Module):
     def folded(self) -> tuple[Tensor, Tensor]:
         """``(A, c)``: the edge logits are ``(A s_p + c) . s_q`` (``F.linear(s, A, c)``)."""
         wk = self.key.weight
-        return wk.T @ self.query.weight, wk.T @ self.query.bias
+        c = wk.T @ self.query.bias
+        if torch.is_grad_enabled():  # b_k cancels in the softmax: its gradient is exactly 0,
+            c = c + 0.0 * self.key.bias  # but it takes part (DDP expects every parameter used)
+        return wk.T @ self.query.weight, c
 
     def forward(self, s: Tensor, node_mask: Tensor, only_first: bool = False) -> Tensor:
         """``s [P, N, m]``, ``node_mask [P or 1, N]`` -> ``[P, N, m]`` (``only_first``: node 0's
@@ -392,10 +395,11 @@ class SGRAF(AlignHead):
         img = img.masked_fill(~img_mask[..., None], 0.0)
         cap = cap.masked_fill(~cap_mask[..., None], 0.0)
         v_glo = self.img_global(img, img_mask)  # [B1, d]: statistics over all images
+        t_glo = self.txt_global(cap, cap_mask)  # [B2, d]: once, so dropout draws as one call
         b1, b2 = img.shape[0], cap.shape[0]
         step = self._train_chunk(b1, img.shape[1], cap.shape[1], img.element_size())
         if step >= b2:
-            score, stats = self._score_captions(img, img_mask, v_glo, cap, cap_mask)
+            score, stats = self._score_captions(img, img_mask, v_glo, t_glo, cap, cap_mask)
             parts, all_stats = [score], [stats]
         else:
             parts, all_stats = [], []
@@ -406,6 +410,7 @@ class SGRAF(AlignHead):
                     img,
                     img_mask,
                     v_glo,
+                    t_glo[sl],
                     cap[sl],
                     cap_mask[sl],
                     use_reentrant=False,
@@ -434,11 +439,17 @@ class SGRAF(AlignHead):
         return elem * (6 * n * d + 6 * k * n + steps * (6 * nodes * m + 3 * nodes * nodes))
 
     def _score_captions(
-        self, img: Tensor, img_mask: Tensor, v_glo: Tensor, cap: Tensor, cap_mask: Tensor
+        self,
+        img: Tensor,
+        img_mask: Tensor,
+        v_glo: Tensor,
+        t_glo: Tensor,
+        cap: Tensor,
+        cap_mask: Tensor,
     ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
-        """Scores ``[B1, B2]`` of all images against these captions, and (SAF, train mode)
-        the per-caption BatchNorm statistics (empty tensors otherwise)."""
-        t_glo = self.txt_global(cap, cap_mask)  # [B2, d]
+        """Scores ``[B1, B2]`` of all images against these captions (global vectors
+        ``v_glo [B1, d]``, ``t_glo [B2, d]``), and (SAF, train mode) the per-caption BatchNorm
+        statistics (empty tensors otherwise). Deterministic, so checkpointing may recompute it."""
         _, att = local_similarity(img, img_mask, cap, cap_mask, self.lambda_softmax)
         s_loc = l2n(self.sim_local((att - cap[None]) ** 2))  # [B1, B2, L, m]
         s_glo = l2n(self.sim_global((v_glo[:, None] - t_glo[None]) ** 2))  # [B1, B2, m]
@@ -498,16 +509,44 @@ class SGRAF(AlignHead):
         return [self.sgr_head, self.saf_head] if self.module == "sgraf" else [self]
 
     def prepare_images(self, img: Tensor, img_mask: Tensor) -> dict[str, Tensor]:
-        """Per image: its global vector ``glo_<module>`` of each sub-head (eval: BatchNorm from
-        running statistics, so per image; train mode falls back to :meth:`forward`)."""
+        """Per image: the global vector ``glo_<module>`` of each sub-head (eval mode: the
+        BatchNorms use running statistics, so it is per image; in train mode blocks fall back
+        to :meth:`forward`). Also folds each head's inference constants once per scoring run
+        (:meth:`_fold`)."""
         if self.training:
             return {}
-        return {f"glo_{h.module}": h.img_global(img, img_mask) for h in self._heads()}
+        out = {}
+        for h in self._heads():
+            h._fold()
+            out[f"glo_{h.module}"] = h.img_global(img, img_mask)
+        return out
 
     def prepare_captions(self, cap: Tensor, cap_mask: Tensor) -> dict[str, Tensor]:
         if self.training:
             return {}
         return {f"glo_{h.module}": h.txt_global(cap, cap_mask) for h in self._heads()}
+
+    def _fold(self) -> None:
+        """Inference constants of a single-module head, kept until the next scoring run:
+        transposed projections, SGR's folded edge weights (:meth:`GraphStep.folded`), SAF's
+        eval BatchNorm as one affine map."""
+        consts: dict[str, Tensor] = {
+            "loc_t": self.sim_local.weight.T.contiguous(),
+            "glo_t": self.sim_global.weight.T.contiguous(),
+            "eval_t": self.sim_eval.weight.T.contiguous(),
+        }
+        if self.module == "sgr":
+            for k, layer in enumerate(self.sgr):
+                a, c = layer.folded()
+                consts[f"a{k}"], consts[f"c{k}"] = a.T.contiguous(), c
+                consts[f"g{k}"] = layer.graph.weight.T.contiguous()
+        else:
+            bn = self.saf.bn
+            assert bn.running_var is not None and bn.running_mean is not None
+            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+            consts["saf_w"] = (self.saf.attn.weight.T * scale).contiguous()  # [m, 1]
+            consts["saf_b"] = (self.saf.attn.bias - bn.running_mean) * scale + bn.bias
+        self._consts = consts
 
     def score_block(
         self, images: Block, captions: Block, pooling: nn.Module | None, ws: Workspace
@@ -523,62 +562,103 @@ class SGRAF(AlignHead):
         return out
 
     def _block(self, images: Block, captions: Block, ws: Workspace) -> Tensor:
-        """One single-module head on one block (padded slots zero)."""
+        """One single-module head on one block on the inference path (padded slots zero).
+
+        One product gives every region-word score; the attention runs in place on it; then per
+        tile of about :data:`TILE_ROWS` word rows the attended vectors (one batched product),
+        their normalisation and the squared difference (two passes in cache) and the
+        ``d -> m`` projection (one product) write the local nodes into a reused buffer."""
+        c = self._consts
         img, cap = images.emb, captions.emb
-        img_mask, cap_mask = images.mask, captions.mask
         b1, k, d = img.shape
         b2, n, _ = cap.shape
-        m = self.sim_dim
-        v_glo, t_glo = images.cache[f"glo_{self.module}"], captions.cache[f"glo_{self.module}"]
-        s = region_word_scores(img, cap)
-        alpha = t2i_weights(s, img_mask, cap_mask, "clipped_l2norm", self.lambda_softmax)
-        del s
-        nodes = ws.get("sgraf_nodes", (b1, b2, n + 1, m), img)
-        # global node: l2n(W_glo (v - t)^2 + b) per pair
-        diff = (v_glo[:, None] - t_glo[None]).square_()  # [B1, B2, d]
-        nodes[:, :, 0] = F.linear(diff, self.sim_global.weight, self.sim_global.bias)
-        del diff
-        # local nodes: per tile of rows, (alpha^T V / rho - e)^2 then one projection
-        a_t = alpha.reshape(b1, k, b2 * n).transpose(1, 2)  # [B1, B2*L, K]
-        w_t = self.sim_local.weight.T
-        bias = self.sim_local.bias
+        m, nodes_n = self.sim_dim, n + 1
+        # t2i weights in place: lrelu, l2 across each caption's words, x lambda, softmax over
+        # the valid regions (padded words have zero scores and drop out of the norm)
+        s = region_word_scores(img, cap)  # [B1, K, B2, L]
+        s = F.leaky_relu_(s, 0.1)
+        inv = torch.linalg.vector_norm(s, dim=3, keepdim=True).add_(L2_EPS)
+        s = s.div_(inv.div_(self.lambda_softmax))
+        if not bool(images.mask.all()):
+            s.masked_fill_(~images.mask[:, :, None, None], float("-inf"))
+        alpha = s.softmax(dim=1)
+        del s, inv
+        nodes = ws.get("sgraf_nodes", (b1, b2, nodes_n, m), img)
+        glo = images.cache[f"glo_{self.module}"][:, None] - captions.cache[f"glo_{self.module}"]
+        torch.addmm(
+            self.sim_global.bias,
+            glo.square_().view(b1 * b2, d),
+            c["glo_t"],
+            out=ws.get("sgraf_glo", (b1 * b2, m), img),
+        )
+        nodes[:, :, 0] = ws.get("sgraf_glo", (b1, b2, m), img)
+        del glo
+        a_t = alpha.view(b1, k, b2 * n).transpose(1, 2)  # [B1, B2*L, K]
         neg_e = cap.reshape(b2 * n, d).neg()
-        rows_per_img = b2 * n
-        tile_imgs = max(1, TILE_ROWS // max(rows_per_img, 1))
-        for i0 in range(0, b1, tile_imgs):
-            i1 = min(b1, i0 + tile_imgs)
-            t = i1 - i0
+        rows = b2 * n
+        # on the CPU tiles that stay in cache; on a GPU the whole block (fewer launches)
+        tile = b1 if img.device.type != "cpu" else max(1, TILE_ROWS // max(rows, 1))
+        for i0 in range(0, b1, tile):
+            i1 = min(b1, i0 + tile)
             att = torch.bmm(a_t[i0:i1], img[i0:i1])  # [t, B2*L, d]
-            inv = att.norm(dim=2, keepdim=True).add_(L2_EPS).reciprocal_()
-            x = att.mul_(inv).add_(neg_e).square_()
-            proj = torch.addmm(bias, x.view(t * rows_per_img, d), w_t)
-            nodes[i0:i1, :, 1:] = proj.view(t, b2, n, m)
-        nodes = l2n(nodes)
-        node_mask = F.pad(cap_mask, (1, 0), value=True)
+            inv = torch.linalg.vector_norm(att, dim=2, keepdim=True).add_(L2_EPS).reciprocal_()
+            x = torch.addcmul(neg_e, att, inv, out=att).square_()
+            proj = nodes[i0:i1, :, 1:]
+            proj.copy_(
+                torch.addmm(self.sim_local.bias, x.view(-1, d), c["loc_t"]).view(i1 - i0, b2, n, m)
+            )
+            del att, x
+        del alpha, a_t
+        nodes.div_(torch.linalg.vector_norm(nodes, dim=3, keepdim=True).add_(L2_EPS))
+        pad = ~F.pad(captions.mask, (1, 0), value=True)  # [B2, N] padded word nodes
+        flat = nodes.view(b1 * b2, nodes_n, m)
         if self.module == "sgr":
-            vec = self._reason(nodes, node_mask)
+            vec = self._reason_eval(flat, pad, b1)
         else:
-            z = self.saf.attn(nodes).squeeze(-1)
-            z = _bn_eval(z[..., None], self.saf.bn)[..., 0]
-            vec = self.saf.filter(nodes, z, node_mask)
-        return torch.sigmoid(self.sim_eval(vec)).squeeze(-1)
+            z = torch.mm(flat.view(-1, m), c["saf_w"]).view(b1, b2, nodes_n).add_(c["saf_b"])
+            a = z.sigmoid_().masked_fill_(pad[None], 0.0)
+            beta = a.div_(a.sum(dim=2, keepdim=True).add_(L1_EPS))
+            vec = torch.bmm(beta.view(b1 * b2, 1, nodes_n), flat).view(b1 * b2, m)
+            vec = vec.div_(torch.linalg.vector_norm(vec, dim=1, keepdim=True).add_(L2_EPS))
+        return torch.addmm(self.sim_eval.bias, vec, c["eval_t"]).sigmoid_().view(b1, b2)
+
+    def _reason_eval(self, s: Tensor, pad: Tensor, b1: int) -> Tensor:
+        """SGR on the inference path: ``s [P, N, m]`` (pair ``p = i * B2 + j``), ``pad [B2, N]``
+        padded word nodes -> node 0 after the last step, ``[P, m]``."""
+        c = self._consts
+        p, n, m = s.shape
+        key_pad = pad[None, :, None, :]  # [1, B2, 1, N]
+        for k in range(self.sgr_step):
+            last = k == self.sgr_step - 1
+            src = s[:, :1] if last else s
+            q = torch.addmm(c[f"c{k}"], src.reshape(-1, m), c[f"a{k}"]).view(p, -1, m)
+            logits = torch.bmm(q, s.transpose(1, 2))  # [P, N or 1, N]
+            del q
+            logits.view(b1, -1, logits.shape[1], n).masked_fill_(key_pad, float("-inf"))
+            mix = torch.bmm(logits.softmax(dim=2), s)
+            del logits
+            bias = self.sgr[k].graph.bias
+            s = torch.addmm(bias, mix.view(-1, m), c[f"g{k}"]).relu_().view(p, -1, m)
+            del mix
+        return s.view(p, m)
 
     def bytes_per_pair(self, n_regions: int, n_words: int, elem_size: int) -> int:
-        """Inference workspace of one pair: the ``[K, L]`` scores and weights, the pair's
-        ``[L + 1, m]`` nodes (and their normalised copy), the reasoning's per-step
-        ``[N, m]`` / ``[N, N]`` tensors and the ``[L, d]`` tile rows."""
-        total = 0
-        for h in self._heads():
-            nodes = n_words + 1
-            steps = h.sgr_step if h.module == "sgr" else 1
-            total += elem_size * (
+        """Inference workspace of one pair: the ``[K, L]`` scores and weights, the ``[L, d]``
+        rows of the squared-difference tile, the pair's ``[L + 1, m]`` nodes and the
+        reasoning's (SGR) or filter's (SAF) temporaries; ``sgraf`` runs its two heads one after
+        the other, so the larger of the two."""
+        nodes, d = n_words + 1, self.embed_size
+        return max(
+            elem_size
+            * (
                 6 * n_regions * n_words
-                + 2 * self.embed_size
-                + 2 * n_words * self.embed_size
-                + nodes * h.sim_dim * (2 + 4 * steps)
-                + 3 * steps * nodes * nodes
+                + 2 * d
+                + 2 * n_words * d
+                + nodes * h.sim_dim * (6 if h.module == "sgr" else 3)
+                + 3 * nodes * nodes
             )
-        return total
+            for h in self._heads()
+        )
 
     def extra_repr(self) -> str:
         return (
