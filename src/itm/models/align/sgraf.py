@@ -509,13 +509,14 @@ class SGRAF(AlignHead):
         return [self.sgr_head, self.saf_head] if self.module == "sgraf" else [self]
 
     def prepare_images(self, img: Tensor, img_mask: Tensor) -> dict[str, Tensor]:
-        """Per image: the global vector ``glo_<module>`` of each sub-head (eval mode: the
+        """Per image: the Gram matrix ``gram [B1, K, K]`` and the global vector ``glo_<module>``
+        of each sub-head (eval mode: the
         BatchNorms use running statistics, so it is per image; in train mode blocks fall back
         to :meth:`forward`). Also folds each head's inference constants once per scoring run
         (:meth:`_fold`)."""
         if self.training:
             return {}
-        out = {}
+        out = {"gram": img @ img.transpose(1, 2)}  # [B1, K, K] (padded regions zero)
         for h in self._heads():
             h._fold()
             out[f"glo_{h.module}"] = h.img_global(img, img_mask)
@@ -593,21 +594,24 @@ class SGRAF(AlignHead):
         )
         nodes[:, :, 0] = ws.get("sgraf_glo", (b1, b2, m), img)
         del glo
-        a_t = alpha.view(b1, k, b2 * n).transpose(1, 2)  # [B1, B2*L, K]
+        # 1 / ||att_w|| from the image Gram matrix (||att||^2 = alpha^T G alpha), folded into
+        # the weights, so that ONE batched product per tile writes a_w / ||a_w|| - e_w
+        a3 = alpha.view(b1, k, b2 * n)
+        sq = (torch.bmm(images.cache["gram"], a3).mul_(a3)).sum(dim=1)  # [B1, B2*L]
+        a3.mul_(sq.clamp_min_(0.0).sqrt_().add_(L2_EPS).reciprocal_()[:, None])
+        a_t = a3.transpose(1, 2)  # [B1, B2*L, K]
         neg_e = cap.reshape(b2 * n, d).neg()
         rows = b2 * n
         # on the CPU tiles that stay in cache; on a GPU the whole block (fewer launches)
         tile = b1 if img.device.type != "cpu" else max(1, TILE_ROWS // max(rows, 1))
+        buf = ws.get("sgraf_tile", (min(tile, b1), rows, d), img)
+        pbuf = ws.get("sgraf_proj", (min(tile, b1) * rows, m), img)
         for i0 in range(0, b1, tile):
             i1 = min(b1, i0 + tile)
-            att = torch.bmm(a_t[i0:i1], img[i0:i1])  # [t, B2*L, d]
-            inv = torch.linalg.vector_norm(att, dim=2, keepdim=True).add_(L2_EPS).reciprocal_()
-            x = torch.addcmul(neg_e, att, inv, out=att).square_()
-            proj = nodes[i0:i1, :, 1:]
-            proj.copy_(
-                torch.addmm(self.sim_local.bias, x.view(-1, d), c["loc_t"]).view(i1 - i0, b2, n, m)
-            )
-            del att, x
+            x = torch.baddbmm(neg_e, a_t[i0:i1], img[i0:i1], out=buf[: i1 - i0]).square_()
+            proj = torch.mm(x.view(-1, d), c["loc_t"], out=pbuf[: (i1 - i0) * rows])
+            torch.add(proj.view(i1 - i0, b2, n, m), self.sim_local.bias, out=nodes[i0:i1, :, 1:])
+            del x, proj
         del alpha, a_t
         nodes.div_(torch.linalg.vector_norm(nodes, dim=3, keepdim=True).add_(L2_EPS))
         pad = ~F.pad(captions.mask, (1, 0), value=True)  # [B2, N] padded word nodes
