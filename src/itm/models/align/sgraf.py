@@ -41,6 +41,7 @@ on entry and masked in every mean, softmax, norm and BatchNorm statistic.
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -472,12 +473,16 @@ class SGRAF(AlignHead):
             vec = self.saf.filter(nodes, z, node_mask)
         return torch.sigmoid(self.sim_eval(vec)).squeeze(-1), stats
 
+    def graph_steps(self) -> list[GraphStep]:
+        """SGR's reasoning steps, in order (module ``sgr``)."""
+        return [step for step in self.sgr if isinstance(step, GraphStep)]
+
     def _reason(self, nodes: Tensor, node_mask: Tensor) -> Tensor:
         """SGR over ``nodes [B1, B2, N, m]``: node 0 after the last step, ``[B1, B2, m]``."""
         b1, b2, n, m = nodes.shape
         s = nodes.reshape(b1 * b2, n, m)
         mask = node_mask.repeat(b1, 1)  # [B1*B2, N]: pair p = i * B2 + j
-        for k, layer in enumerate(self.sgr):
+        for k, layer in enumerate(self.graph_steps()):
             s = layer(s, mask, only_first=k == self.sgr_step - 1)
         return s.view(b1, b2, m)
 
@@ -537,10 +542,11 @@ class SGRAF(AlignHead):
             "eval_t": self.sim_eval.weight.T.contiguous(),
         }
         if self.module == "sgr":
-            for k, layer in enumerate(self.sgr):
+            for k, layer in enumerate(self.graph_steps()):
                 a, c = layer.folded()
                 consts[f"a{k}"], consts[f"c{k}"] = a.T.contiguous(), c
                 consts[f"g{k}"] = layer.graph.weight.T.contiguous()
+                consts[f"gb{k}"] = layer.graph.bias
         else:
             bn = self.saf.bn
             assert bn.running_var is not None and bn.running_mean is not None
@@ -641,8 +647,7 @@ class SGRAF(AlignHead):
             logits.view(b1, -1, logits.shape[1], n).masked_fill_(key_pad, float("-inf"))
             mix = torch.bmm(logits.softmax(dim=2), s)
             del logits
-            bias = self.sgr[k].graph.bias
-            s = torch.addmm(bias, mix.view(-1, m), c[f"g{k}"]).relu_().view(p, -1, m)
+            s = torch.addmm(c[f"gb{k}"], mix.view(-1, m), c[f"g{k}"]).relu_().view(p, -1, m)
             del mix
         return s.view(p, m)
 
