@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=128, help="training batch B (B x B pairs)")
     p.add_argument("--train-block-mb", type=float, default=1024)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--train-reps", type=int, default=1, help="timed training steps per row")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-train", action="store_true")
@@ -291,7 +292,8 @@ def main(argv: list[str] | None = None) -> None:
         ).to(dev)
         head.train()
         ours, loop = (train_step(head, bimg, bcap, bcl, flag) for flag in (True, False))
-        t_ours, t_loop = best_time(ours, a.reps, dev), best_time(loop, a.reps, dev)
+        ours(), loop()  # warm-up
+        t_ours, t_loop = best_time(ours, a.train_reps, dev), best_time(loop, a.train_reps, dev)
         mb_ours, mb_loop = peak_mb(ours, dev), peak_mb(loop, dev)
         lines.append(
             f"{module:<6}{t_ours:>9.2f}{t_loop:>9.2f}{t_ours / t_loop:>8.2f}x"

@@ -290,3 +290,30 @@ def test_bigru_word_dropout():
         assert float((a - enc(tokens, lens)).abs().max()) > 1e-4
     with pytest.raises(ValueError, match="dropout"):
         BiGRUTextEncoder(vocab_size=20, dropout=1.0)
+
+
+def test_bench_floor_counts():
+    """The bench's floor (bench/bench_sgraf.py) and the spec's count at the paper's sizes
+    (K=36, n=14, d=1024, m=256, 3 steps): methods.md section 10 states 28.3 / 9.9 MFLOP."""
+    import bench_sgraf
+
+    lens = torch.tensor([14])
+    assert bench_sgraf.spec_flops("sgr", 36, 1024, 256, 3) / 1e6 == pytest.approx(28.3, abs=0.05)
+    assert bench_sgraf.spec_flops("saf", 36, 1024, 256, 3) / 1e6 == pytest.approx(9.9, abs=0.05)
+    ours = bench_sgraf.floor_flops("sgr", 36, 1024, 256, 3, lens)
+    assert ours / 1e6 == pytest.approx(18.5, abs=0.05)
+    assert bench_sgraf.floor_flops("saf", 36, 1024, 256, 3, lens) / 1e6 == pytest.approx(9.9, abs=0.1)
+
+
+@pytest.mark.slow
+def test_bench_quick_runs():
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_sgraf.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    ).stdout
+    assert "x floor" in out and "training step" in out
