@@ -317,3 +317,21 @@ def test_bench_quick_runs():
         check=True,
     ).stdout
     assert "x floor" in out and "training step" in out
+
+
+def test_alignment_picture_for_viz():
+    """``alignment`` (W&B, the notebook via itm.viz) = each word's t2i attention over the
+    regions, rows summing to 1; for ``sgraf`` the same picture."""
+    from itm.models.align.attention import pair_scores, t2i_weights
+    from itm.viz import attention_from_embeddings
+
+    g = torch.Generator().manual_seed(8)
+    img = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    cap = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    for module in ("sgr", "sgraf"):
+        head = contract_head(module).align.float()
+        pic = attention_from_embeddings(head, img, cap)
+        s, a, b = pair_scores(img, cap)
+        want = t2i_weights(s, a, b, "clipped_l2norm", 9.0)[0, :, 0].T
+        np.testing.assert_allclose(pic, want.numpy(), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(pic.sum(1), 1.0, atol=1e-6)
