@@ -302,7 +302,9 @@ def test_bench_floor_counts():
     assert bench_sgraf.spec_flops("saf", 36, 1024, 256, 3) / 1e6 == pytest.approx(9.9, abs=0.05)
     ours = bench_sgraf.floor_flops("sgr", 36, 1024, 256, 3, lens)
     assert ours / 1e6 == pytest.approx(18.5, abs=0.05)
-    assert bench_sgraf.floor_flops("saf", 36, 1024, 256, 3, lens) / 1e6 == pytest.approx(9.9, abs=0.1)
+    assert bench_sgraf.floor_flops("saf", 36, 1024, 256, 3, lens) / 1e6 == pytest.approx(
+        9.9, abs=0.1
+    )
 
 
 @pytest.mark.slow
