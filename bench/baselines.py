@@ -134,6 +134,61 @@ def imram(img: Tensor, cap: Tensor, cap_lens: Tensor, head, lam: float = 9.0):
     return out
 
 
+def _l1norm(x: Tensor, dim: int) -> Tensor:
+    return x / (x.abs().sum(dim=dim, keepdim=True) + 1e-8)
+
+
+def _sgraf_image_globals(head, img: Tensor) -> Tensor:
+    """The authors' VisualSA on ALL images of the call at once (its BatchNorm modules called
+    as modules: train mode takes batch statistics and updates the running ones)."""
+    sa = head.img_global
+    loc = sa.drop(torch.tanh(sa.local_bn(sa.local_fc(img))))
+    glo = sa.drop(torch.tanh(sa.global_bn(sa.global_fc(img.mean(1)))))
+    weights = torch.softmax(sa.common_fc(loc * glo[:, None]).squeeze(2), dim=1)
+    return _l2norm((weights[:, :, None] * img).sum(1), -1)
+
+
+def _sgraf_caption(head, ims: Tensor, img_glo: Tensor, cap_i: Tensor, lam: float) -> Tensor:
+    """One caption ``cap_i [1, n, d]`` against the images ``ims [n_img, K, d]``: the authors'
+    loop body (TextSA, SCAN attention, similarity vectors, SGR or SAF, sigmoid) -> ``[n_img]``."""
+    sa = head.txt_global
+    loc = sa.drop(torch.tanh(sa.local_fc(cap_i)))
+    glo = sa.drop(torch.tanh(sa.global_fc(cap_i.mean(1))))
+    weights = torch.softmax(sa.common_fc(loc * glo[:, None]).squeeze(2), dim=1)
+    cap_glo = _l2norm((weights[:, :, None] * cap_i).sum(1), -1)
+    cap_rep = cap_i.repeat(ims.shape[0], 1, 1)
+    context, _ = func_attention(cap_rep, ims, lam)
+    context = _l2norm(context, -1)
+    sim_loc = _l2norm(head.sim_local(torch.pow(context - cap_rep, 2)), -1)
+    sim_glo = _l2norm(head.sim_global(torch.pow(img_glo - cap_glo, 2)), -1)
+    emb = torch.cat([sim_glo.unsqueeze(1), sim_loc], 1)
+    if head.module == "sgr":
+        for layer in head.sgr:
+            edge = torch.softmax(torch.bmm(layer.query(emb), layer.key(emb).transpose(1, 2)), -1)
+            emb = F.relu(layer.graph(torch.bmm(edge, emb)))
+        vec = emb[:, 0, :]
+    else:
+        attn = head.saf.bn(head.saf.attn(emb).permute(0, 2, 1))  # [n_img, 1, n + 1]
+        attn = _l1norm(torch.sigmoid(attn), -1)
+        vec = _l2norm(torch.matmul(attn, emb).squeeze(1), -1)
+    return torch.sigmoid(head.sim_eval(vec)).squeeze(1)
+
+
+def sgraf(img: Tensor, cap: Tensor, cap_lens: Tensor, head, lam: float = 9.0) -> Tensor:
+    """SGRAF (one module, ``sgr`` or ``saf``) as the authors' ``EncoderSimilarity``: the image
+    self-attention once over all images of the call, then a Python loop over the captions, each
+    sliced to its length, repeated for every image, its similarity vectors materialised:
+    ``[n_img, n_cap]``. In train mode this is the authors' training semantics (BatchNorm
+    statistics over all images; SAF's per caption); images at their full size ``K =
+    num_region``, as the authors'. ``head``: an ``itm`` SGRAF head supplying the weights."""
+    img_glo = _sgraf_image_globals(head, img)
+    cols = [
+        _sgraf_caption(head, img, img_glo, cap[j, : int(cap_lens[j])].unsqueeze(0), lam)
+        for j in range(cap.shape[0])
+    ]
+    return torch.stack(cols, dim=1)
+
+
 def contrastive_loss(sims: Tensor, margin: float = 0.2) -> Tensor:
     """VSE++ hinge with hardest negatives, sum over the batch (as the references)."""
     diag = sims.diag().view(-1, 1)
@@ -153,4 +208,5 @@ __all__ = [
     "imram",
     "scan_i2t",
     "scan_t2i",
+    "sgraf",
 ]

@@ -19,7 +19,7 @@ import pytest
 
 import conformance as C
 from itm.metrics import recall_at_k
-from trained import SLOW_TO_TRAIN, chance_rsum, planted_alignment, score_split, trained
+from trained import SLOW_TO_TRAIN, chance_rsum, head_budget, planted_alignment, score_split, trained
 
 #: the criterion: fraction of concept words whose most-weighted region is their planted one
 MIN_HIT = 0.35
@@ -27,8 +27,8 @@ MIN_HIT = 0.35
 REGION_WORD_HEADS = [n for n in C.discover("model/align") if n != "global"]
 
 
-def assert_attends_to_planted(overrides: tuple[str, ...]) -> dict[str, float]:
-    model, dm = trained(overrides)
+def assert_attends_to_planted(overrides: tuple[str, ...], epochs: int = 2) -> dict[str, float]:
+    model, dm = trained(overrides, epochs)
     res = planted_alignment(model, dm)
     assert res["n"] >= 100, res
     assert res["hit"] >= MIN_HIT, f"concept words attend elsewhere: {res}"
@@ -45,7 +45,8 @@ def assert_attends_to_planted(overrides: tuple[str, ...]) -> dict[str, float]:
 def test_concept_words_attend_to_their_planted_region(name):
     head = C.build_head(name).align
     assert head.alignment_normalised is not None, f"{name}: its picture is not a distribution"
-    res = assert_attends_to_planted((f"model/align={name}",))
+    extra, epochs = head_budget(name)
+    res = assert_attends_to_planted((f"model/align={name}", *extra), epochs)
     if head.alignment_normalised == "regions":  # most of the weight, not only the argmax
         assert res["weight"] >= 3 * res["chance"], res
 

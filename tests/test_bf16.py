@@ -17,7 +17,7 @@ import torch
 
 import conformance as C
 from itm.metrics import recall_at_k
-from trained import SLOW_TO_TRAIN, score_split, trained
+from trained import SLOW_TO_TRAIN, head_budget, score_split, trained
 
 HEADS = C.discover("model/align")
 RECALL_KEYS = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
@@ -29,7 +29,10 @@ def _param(name: str):
 
 @pytest.mark.parametrize("name", [_param(n) for n in HEADS])
 def test_bf16_scoring_keeps_every_recall_within_half_a_point(name, capsys):
-    model, dm = trained((f"model/align={name}",) + (("pooling=gpo",) if name == "global" else ()))
+    extra, epochs = head_budget(name)
+    if name == "global":
+        extra = (*extra, "pooling=gpo")
+    model, dm = trained((f"model/align={name}", *extra), epochs)
     if not model.similarity.align.supports_bf16:
         with pytest.raises(ValueError, match="bf16"):
             score_split(model, dm, precision="bf16")

@@ -21,6 +21,7 @@ COCO_SCHEDULE = {
     "pfan_": (5e-4, 30, 15),
     "vsrn_": (2e-4, 30, 15),  # lr_update 15 on COCO (10 on Flickr30K)
     "saem_": (1e-4, 30, 10),
+    "sgraf_": (2e-4, 20, 10),  # SGRAF README: COCO SGR and SAF 20 epochs, lr_update 10
 }
 #: further COCO-specific values: recipe family -> {config key: value}
 COCO_EXTRA = {

@@ -48,6 +48,8 @@ class BiGRUTextEncoder(nn.Module):
             trains). Read once, when the model is built for training; evaluation rebuilds the
             model from its checkpoint without reading it. Needs ``vocab_path``.
         vocab_path: the SCAN ``*_vocab.json`` whose ids index the table (with ``glove_path``).
+        dropout: Dropout on the word embeddings, training only (SGRAF's recipes: 0.4; the
+            other recipes 0).
 
     Raises:
         ValueError: ``glove_path`` without ``vocab_path``, a vocabulary larger than
@@ -75,10 +77,14 @@ class BiGRUTextEncoder(nn.Module):
         word_aug: float = 0.0,
         glove_path: str | None = None,
         vocab_path: str | None = None,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if not 0.0 <= word_aug <= 1.0:
             raise ValueError(f"word_aug must lie in [0, 1], got {word_aug}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"model.text_encoder.dropout must lie in [0, 1), got {dropout}")
+        self.dropout = nn.Dropout(float(dropout))
         self.embed_size, self.bidirectional, self.norm = embed_size, bidirectional, norm
         self.vocab_size, self.word_aug = vocab_size, float(word_aug)
         self.embed = nn.Embedding(vocab_size, word_dim)
@@ -135,7 +141,7 @@ class BiGRUTextEncoder(nn.Module):
                 tokens, lengths, self.word_aug, self.mask_id, self.vocab_size, self.n_special
             )
         total = tokens.shape[1]
-        x = self.embed(tokens)
+        x = self.dropout(self.embed(tokens))
         packed = pack_padded_sequence(
             x, lengths.detach().to("cpu", torch.int64), batch_first=True, enforce_sorted=False
         )
