@@ -41,6 +41,7 @@ on entry and masked in every mean, softmax, norm and BatchNorm statistic.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -309,6 +310,8 @@ class SGRAF(AlignHead):
 
     pooling_role = "fixed"
     fixed_pooling_name = "its own network (the pooling group is ignored)"
+    #: options that change training only (:mod:`itm.models.schema`): resume may change them
+    training_only_options: ClassVar[frozenset[str]] = frozenset({"dropout", "train_block_mb"})
     supports_bf16 = False
     bf16_refusal = (
         "its cost is the per-word d -> sim_dim projection of squared differences, implemented "

@@ -58,7 +58,7 @@ class BiGRUTextEncoder(nn.Module):
 
     #: options that change training only (:mod:`itm.models.schema`): resume may change them
     training_only_options: ClassVar[frozenset[str]] = frozenset(
-        {"word_aug", "glove_path", "vocab_path"}
+        {"word_aug", "dropout", "glove_path", "vocab_path"}
     )
 
     #: id written for a masked word (the SCAN vocabulary's ``<unk>``).
