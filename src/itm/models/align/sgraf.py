@@ -284,6 +284,22 @@ def local_similarity(
     return alpha, l2n(att.view(b1, b2, n, img.shape[-1]))
 
 
+def _length_runs(lens: list[int], b1: int) -> list[tuple[int, int, int, int, int]]:
+    """Runs of equal length in the sorted caption lengths ``lens`` (longest first), for ``b1``
+    images: ``(j0, g, n, w0, off)`` = first caption, captions, words each, first packed word
+    row, first row of the run's ``[g, b1, n + 1, m]`` nodes in the packed node buffer."""
+    runs: list[tuple[int, int, int, int, int]] = []
+    j = w0 = off = 0
+    while j < len(lens):
+        n, j1 = lens[j], j
+        while j1 < len(lens) and lens[j1] == n:
+            j1 += 1
+        g = j1 - j
+        runs.append((j, g, n, w0, off))
+        w0, off, j = w0 + g * n, off + g * b1 * (n + 1), j1
+    return runs
+
+
 class SGRAF(AlignHead):
     """SGRAF's similarity-vector head (methods.md section 10; docs/sgraf.md).
 
@@ -574,85 +590,136 @@ class SGRAF(AlignHead):
     def _block(self, images: Block, captions: Block, ws: Workspace) -> Tensor:
         """One single-module head on one block on the inference path (padded slots zero).
 
-        One product gives every region-word score; the attention runs in place on it; then per
-        tile of about :data:`TILE_ROWS` word rows the attended vectors (one batched product),
-        their normalisation and the squared difference (two passes in cache) and the
-        ``d -> m`` projection (one product) write the local nodes into a reused buffer."""
+        Only VALID words are computed: the block's captions are grouped into runs of equal
+        length (longest first) and their words packed, ``W = sum n_j`` rows. One product gives
+        every region-word score ``[B1, K, W]``; the attention runs in place on it (the l2 norm
+        across each caption's words per run); then per tile of about :data:`TILE_ROWS` word
+        rows the attended vectors (one batched product), their normalisation and the squared
+        difference (two passes in cache) and the ``d -> m`` projection (one product) write the
+        local nodes into a packed, caption-major node buffer: run ``r`` (``g`` captions of
+        ``n`` words) holds ``[g, B1, n + 1, m]`` contiguous rows, so the graph of every pair of
+        a run is a dense ``[n + 1, m]`` matrix without padding or masks."""
         c = self._consts
         img, cap = images.emb, captions.emb
         b1, k, d = img.shape
-        b2, n, _ = cap.shape
-        m, nodes_n = self.sim_dim, n + 1
+        b2 = cap.shape[0]
+        m = self.sim_dim
+        if b1 == 0 or b2 == 0:
+            return img.new_zeros(b1, b2)
+        lens = captions.mask.sum(dim=1)
+        order = torch.argsort(lens, descending=True, stable=True)
+        runs = _length_runs(lens[order].tolist(), b1)
+        words = sum(g * n for _, g, n, _, _ in runs)
+        cap_p = cap[order][captions.mask[order]]  # [W, d]: valid words, caption-major
         # t2i weights in place: lrelu, l2 across each caption's words, x lambda, softmax over
-        # the valid regions (padded words have zero scores and drop out of the norm)
-        s = region_word_scores(img, cap)  # [B1, K, B2, L]
+        # the valid regions
+        s = (img.reshape(b1 * k, d) @ cap_p.T).view(b1, k, words)
         s = F.leaky_relu_(s, 0.1)
-        inv = torch.linalg.vector_norm(s, dim=3, keepdim=True).add_(L2_EPS)
-        s = s.div_(inv.div_(self.lambda_softmax))
+        for _, g, n, w0, _ in runs:
+            if n == 0:
+                continue
+            v = s[:, :, w0 : w0 + g * n].view(b1, k, g, n)
+            inv = torch.linalg.vector_norm(v, dim=3, keepdim=True).add_(L2_EPS)
+            v.div_(inv.div_(self.lambda_softmax))
         if not bool(images.mask.all()):
-            s.masked_fill_(~images.mask[:, :, None, None], float("-inf"))
-        alpha = s.softmax(dim=1)
-        del s, inv
-        nodes = ws.get("sgraf_nodes", (b1, b2, nodes_n, m), img)
-        glo = images.cache[f"glo_{self.module}"][:, None] - captions.cache[f"glo_{self.module}"]
-        torch.addmm(
+            s.masked_fill_(~images.mask[:, :, None], float("-inf"))
+        alpha = s.softmax(dim=1)  # [B1, K, W]
+        del s
+        rows_total = runs[-1][4] + runs[-1][1] * b1 * (runs[-1][2] + 1)
+        nodes = ws.get("sgraf_nodes", (rows_total, m), img)
+        key = f"glo_{self.module}"
+        glo = images.cache[key][:, None] - captions.cache[key][order]  # [B1, B2, d]
+        glo_n = torch.addmm(
             self.sim_global.bias,
             glo.square_().view(b1 * b2, d),
             c["glo_t"],
             out=ws.get("sgraf_glo", (b1 * b2, m), img),
-        )
-        nodes[:, :, 0] = ws.get("sgraf_glo", (b1, b2, m), img)
+        ).view(b1, b2, m)
         del glo
+        for j0, g, n, _, off in runs:
+            dst = nodes[off : off + g * b1 * (n + 1)].view(g, b1, n + 1, m)
+            dst[:, :, 0] = glo_n[:, j0 : j0 + g].transpose(0, 1)
         # 1 / ||att_w|| from the image Gram matrix (||att||^2 = alpha^T G alpha), folded into
         # the weights, so that ONE batched product per tile writes a_w / ||a_w|| - e_w
-        a3 = alpha.view(b1, k, b2 * n)
-        sq = (torch.bmm(images.cache["gram"], a3).mul_(a3)).sum(dim=1)  # [B1, B2*L]
-        a3.mul_(sq.clamp_min_(0.0).sqrt_().add_(L2_EPS).reciprocal_()[:, None])
-        a_t = a3.transpose(1, 2)  # [B1, B2*L, K]
-        neg_e = cap.reshape(b2 * n, d).neg()
-        rows = b2 * n
-        # on the CPU tiles that stay in cache; on a GPU the whole block (fewer launches)
-        tile = b1 if img.device.type != "cpu" else max(1, TILE_ROWS // max(rows, 1))
-        buf = ws.get("sgraf_tile", (min(tile, b1), rows, d), img)
-        pbuf = ws.get("sgraf_proj", (min(tile, b1) * rows, m), img)
-        for i0 in range(0, b1, tile):
-            i1 = min(b1, i0 + tile)
-            x = torch.baddbmm(neg_e, a_t[i0:i1], img[i0:i1], out=buf[: i1 - i0]).square_()
-            proj = torch.mm(x.view(-1, d), c["loc_t"], out=pbuf[: (i1 - i0) * rows])
-            torch.add(proj.view(i1 - i0, b2, n, m), self.sim_local.bias, out=nodes[i0:i1, :, 1:])
-            del x, proj
-        del alpha, a_t
-        nodes.div_(torch.linalg.vector_norm(nodes, dim=3, keepdim=True).add_(L2_EPS))
-        pad = ~F.pad(captions.mask, (1, 0), value=True)  # [B2, N] padded word nodes
-        flat = nodes.view(b1 * b2, nodes_n, m)
+        if words:
+            sq = (torch.bmm(images.cache["gram"], alpha).mul_(alpha)).sum(dim=1)  # [B1, W]
+            alpha.mul_(sq.clamp_min_(0.0).sqrt_().add_(L2_EPS).reciprocal_()[:, None])
+            a_t = alpha.transpose(1, 2)  # [B1, W, K]
+            neg_e = cap_p.neg()
+            # on the CPU tiles that stay in cache; on a GPU the whole block (fewer launches)
+            tile = b1 if img.device.type != "cpu" else max(1, TILE_ROWS // words)
+            t_max = min(tile, b1)
+            buf = ws.get("sgraf_tile", (t_max, words, d), img)
+            pbuf = ws.get("sgraf_proj", (t_max * words, m), img)
+            for i0 in range(0, b1, tile):
+                i1 = min(b1, i0 + tile)
+                x = torch.baddbmm(neg_e, a_t[i0:i1], img[i0:i1], out=buf[: i1 - i0]).square_()
+                proj = torch.mm(x.view(-1, d), c["loc_t"], out=pbuf[: (i1 - i0) * words])
+                proj = proj.view(i1 - i0, words, m)
+                for _, g, n, w0, off in runs:
+                    if n == 0:
+                        continue
+                    dst = nodes[off : off + g * b1 * (n + 1)].view(g, b1, n + 1, m)
+                    src = proj[:, w0 : w0 + g * n].view(i1 - i0, g, n, m).transpose(0, 1)
+                    torch.add(src, self.sim_local.bias, out=dst[:, i0:i1, 1:])
+                del x, proj
+            del a_t
+        del alpha
+        nodes.div_(torch.linalg.vector_norm(nodes, dim=1, keepdim=True).add_(L2_EPS))
         if self.module == "sgr":
-            vec = self._reason_eval(flat, pad, b1)
+            vec = self._reason_eval(nodes, runs, b1, ws)
         else:
-            z = torch.mm(flat.view(-1, m), c["saf_w"]).view(b1, b2, nodes_n).add_(c["saf_b"])
-            a = z.sigmoid_().masked_fill_(pad[None], 0.0)
-            beta = a.div_(a.sum(dim=2, keepdim=True).add_(L1_EPS))
-            vec = torch.bmm(beta.view(b1 * b2, 1, nodes_n), flat).view(b1 * b2, m)
-            vec = vec.div_(torch.linalg.vector_norm(vec, dim=1, keepdim=True).add_(L2_EPS))
-        return torch.addmm(self.sim_eval.bias, vec, c["eval_t"]).sigmoid_().view(b1, b2)
+            a = torch.mm(nodes, c["saf_w"]).view(-1).add_(c["saf_b"]).sigmoid_()  # [R]
+            vec = ws.get("sgraf_vec", (b1 * b2, m), img)
+            for j0, g, n, _, off in runs:
+                p, rows = g * b1, g * b1 * (n + 1)
+                beta = a[off : off + rows].view(p, 1, n + 1)
+                beta.div_(beta.sum(dim=2, keepdim=True).add_(L1_EPS))
+                src = nodes[off : off + rows].view(p, n + 1, m)
+                torch.bmm(beta, src, out=vec[j0 * b1 : j0 * b1 + p].view(p, 1, m))
+            vec.div_(torch.linalg.vector_norm(vec, dim=1, keepdim=True).add_(L2_EPS))
+        score = torch.addmm(self.sim_eval.bias, vec, c["eval_t"]).sigmoid_()  # [B2 * B1]
+        out = img.new_empty(b1, b2)
+        out[:, order] = score.view(b2, b1).T
+        return out
 
-    def _reason_eval(self, s: Tensor, pad: Tensor, b1: int) -> Tensor:
-        """SGR on the inference path: ``s [P, N, m]`` (pair ``p = i * B2 + j``), ``pad [B2, N]``
-        padded word nodes -> node 0 after the last step, ``[P, m]``."""
+    def _reason_eval(
+        self, s: Tensor, runs: list[tuple[int, int, int, int, int]], b1: int, ws: Workspace
+    ) -> Tensor:
+        """SGR on the inference path over the packed nodes ``s [R, m]`` of :meth:`_block`
+        (``runs``: see :func:`_length_runs`; pair ``p = j * B1 + i``, ``j`` in sorted caption
+        order) -> node 0 after the last step, ``[P, m]``. Every node of a run is valid, so no
+        masks: the shared ``m x m`` maps run as one product over all nodes, the per-pair edge
+        products as one batched product per run."""
         c = self._consts
-        p, n, m = s.shape
-        key_pad = pad[None, :, None, :]  # [1, B2, 1, N]
+        m = s.shape[1]
+        pairs = sum(g for _, g, _, _, _ in runs) * b1
         for k in range(self.sgr_step):
-            last = k == self.sgr_step - 1
-            src = s[:, :1] if last else s
-            q = torch.addmm(c[f"c{k}"], src.reshape(-1, m), c[f"a{k}"]).view(p, -1, m)
-            logits = torch.bmm(q, s.transpose(1, 2))  # [P, N or 1, N]
-            del q
-            logits.view(b1, -1, logits.shape[1], n).masked_fill_(key_pad, float("-inf"))
-            mix = torch.bmm(logits.softmax(dim=2), s)
-            del logits
-            s = torch.addmm(c[f"gb{k}"], mix.view(-1, m), c[f"g{k}"]).relu_().view(p, -1, m)
-            del mix
-        return s.view(p, m)
+            if k == self.sgr_step - 1:  # the read-out is node 0: update it only
+                s0 = ws.get("sgraf_s0", (pairs, m), s)
+                for j0, g, n, _, off in runs:
+                    view = s[off : off + g * b1 * (n + 1)].view(g * b1, n + 1, m)
+                    s0[j0 * b1 : (j0 + g) * b1] = view[:, 0]
+                q = torch.addmm(c[f"c{k}"], s0, c[f"a{k}"], out=ws.get("sgraf_q", (pairs, m), s))
+                mix = ws.get("sgraf_mix", (pairs, m), s)
+                for j0, g, n, _, off in runs:
+                    p = g * b1
+                    view = s[off : off + p * (n + 1)].view(p, n + 1, m)
+                    logits = torch.bmm(q[j0 * b1 : j0 * b1 + p].view(p, 1, m), view.transpose(1, 2))
+                    torch.bmm(
+                        logits.softmax(dim=2), view, out=mix[j0 * b1 : j0 * b1 + p].view(p, 1, m)
+                    )
+                return torch.addmm(c[f"gb{k}"], mix, c[f"g{k}"]).relu_()
+            rows = s.shape[0]
+            q = torch.addmm(c[f"c{k}"], s, c[f"a{k}"], out=ws.get("sgraf_q", (rows, m), s))
+            mix = ws.get("sgraf_mix", (rows, m), s)
+            for _, g, n, _, off in runs:
+                p, end = g * b1, off + g * b1 * (n + 1)
+                view = s[off:end].view(p, n + 1, m)
+                logits = torch.bmm(q[off:end].view(p, n + 1, m), view.transpose(1, 2))
+                torch.bmm(logits.softmax(dim=2), view, out=mix[off:end].view(p, n + 1, m))
+            s = torch.addmm(c[f"gb{k}"], mix, c[f"g{k}"]).relu_()
+        return s
 
     def bytes_per_pair(self, n_regions: int, n_words: int, elem_size: int) -> int:
         """Inference workspace of one pair: the ``[K, L]`` scores and weights, the ``[L, d]``
