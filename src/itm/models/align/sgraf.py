@@ -416,31 +416,33 @@ class SGRAF(AlignHead):
         cap = cap.masked_fill(~cap_mask[..., None], 0.0)
         v_glo = self.img_global(img, img_mask)  # [B1, d]: statistics over all images
         t_glo = self.txt_global(cap, cap_mask)  # [B2, d]: once, so dropout draws as one call
-        b1, b2 = img.shape[0], cap.shape[0]
-        step = self._train_chunk(b1, img.shape[1], cap.shape[1], img.element_size())
-        if step >= b2:
-            score, stats = self._score_captions(img, img_mask, v_glo, t_glo, cap, cap_mask)
-            parts, all_stats = [score], [stats]
-        else:
-            parts, all_stats = [], []
-            for j0 in range(0, b2, step):
-                sl = slice(j0, j0 + step)
-                score, stats = checkpoint(
-                    self._score_captions,
-                    img,
-                    img_mask,
-                    v_glo,
-                    t_glo[sl],
-                    cap[sl],
-                    cap_mask[sl],
-                    use_reentrant=False,
-                )
+        b1 = img.shape[0]
+        # captions in runs of equal length (longest first), each trimmed to its length: no
+        # padded word is computed; chunks under checkpointing only beyond train_block_mb
+        lens = cap_mask.sum(dim=1)
+        order = torch.argsort(lens, descending=True, stable=True)
+        runs = _length_runs(lens[order].tolist(), b1)
+        elem, k = img.element_size(), img.shape[1]
+        total = sum(g * b1 * self.activation_bytes(k, n, elem) for _, g, n, _, _ in runs)
+        limited = torch.is_grad_enabled() and 0 < self.train_block_mb * 2**20 < total
+        parts, all_stats = [], []
+        for j0, g, n, _, _ in runs:
+            step = self._train_chunk(b1, k, n, elem) if limited else g
+            for c0 in range(j0, j0 + g, step):
+                idx = order[c0 : min(j0 + g, c0 + step)]
+                n_keep = max(n, 1)  # a run of empty captions keeps one (masked) slot
+                args = (img, img_mask, v_glo, t_glo[idx], cap[idx, :n_keep], cap_mask[idx, :n_keep])
+                if limited:
+                    score, stats = checkpoint(self._score_captions, *args, use_reentrant=False)
+                else:
+                    score, stats = self._score_captions(*args)
                 parts.append(score)
                 all_stats.append(stats)
+        inv = torch.argsort(order)  # sorted position of each caption
         if self.module == "saf" and self.training:
-            means, var, counts = (torch.cat([s[i] for s in all_stats]) for i in range(3))
+            means, var, counts = (torch.cat([s[i] for s in all_stats])[inv] for i in range(3))
             self.saf.update_running(means, var, counts)
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return torch.cat(parts, dim=1)[:, inv]
 
     def _train_chunk(self, b1: int, k: int, n: int, elem: int) -> int:
         """Captions per chunk of the autograd forward (all of them unless the batch's per-pair
