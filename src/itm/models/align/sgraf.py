@@ -30,8 +30,9 @@ Train mode follows the authors' batch semantics (methods.md section 10): the ima
 self-attention's BatchNorms take their statistics over all images of the call (region slot
 ``r`` over the images where ``r`` is valid and the ``d`` features), SAF's BatchNorm separately
 for each caption over all images x that caption's valid nodes, with its running statistics
-updated once per caption in caption order. The training forward bounds its memory by scoring
-chunks of captions under activation checkpointing (``train_block_mb``); the statistics are
+updated once per caption in caption order. The training forward scores the captions in runs
+of equal length, each trimmed to its length (no padded word is computed), and bounds its memory
+by activation checkpointing of chunks of a run beyond ``train_block_mb``; the statistics are
 computed functionally, so recomputation never updates a running statistic twice.
 
 Masks: ``img_mask [B1, K]``, ``cap_mask [B2, L]`` bool, True = valid; padded slots are zeroed
@@ -312,9 +313,9 @@ class SGRAF(AlignHead):
         lambda_softmax: the t2i attention's inverse temperature (9, fixed in the authors' code).
         num_region: region slots of the image self-attention's BatchNorm (36); K <= num_region.
         dropout: Dropout of the self-attention embeddings in training (0.4).
-        train_block_mb: the training forward scores chunks of captions under activation
-            checkpointing when a whole batch's per-pair activations would exceed this (MB);
-            0 = never chunk.
+        train_block_mb: the training forward scores chunks of captions (within runs of equal
+            length) under activation checkpointing when a whole batch's per-pair activations
+            would exceed this (MB); 0 = never checkpoint.
 
     Parameters (architecture.md, SGRAF): ``img_global.{local_fc, local_bn, global_fc,
     global_bn, common_fc}``, ``txt_global.{local_fc, global_fc, common_fc}``, ``sim_local``,
