@@ -255,6 +255,33 @@ def test_engine_equals_the_authors_loop_at_a_larger_size():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("module", ["sgr", "saf"])
+def test_block_path_on_unsorted_captions(module):
+    """The inference block (packed valid words in runs of equal length) on a caption block in
+    no length order, with equal lengths, a one-word caption and padded regions, equals the
+    reference forward (float64) column by column; garbage in padded slots changes nothing."""
+    from itm.models.align.base import Block
+    from itm.models.align.engine import Workspace
+
+    head = contract_head(module).align
+    g = torch.Generator().manual_seed(11)
+    img = torch.randn(3, 5, 8, generator=g, dtype=torch.float64)
+    cap = torch.randn(6, 6, 8, generator=g, dtype=torch.float64)
+    im = C._lengths_mask((5, 3, 4), 5)
+    cm = C._lengths_mask((2, 6, 1, 2, 4, 6), 6)
+    with torch.no_grad():
+        want = head(img, im, cap, cm)
+        img_z, cap_z = img.masked_fill(~im[..., None], 0.0), cap.masked_fill(~cm[..., None], 0.0)
+        images = Block(img_z, im, head.prepare_images(img_z, im), (0, 3))
+        captions = Block(cap_z, cm, head.prepare_captions(cap_z, cm), 0)
+        got = head.score_block(images, captions, None, Workspace())
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    cap_g = cap_z.masked_fill(~cm[..., None], 7.0)  # garbage in the padded word slots
+    with torch.no_grad():
+        again = head.score_block(images, Block(cap_g, cm, captions.cache, 0), None, Workspace())
+    torch.testing.assert_close(again, got, rtol=0, atol=1e-12)
+
+
 def test_bad_configuration_is_refused():
     with pytest.raises(ValueError, match="module"):
         SGRAF("ave")
