@@ -703,7 +703,7 @@ class SGRAF(AlignHead):
                 for j0, g, n, _, off in runs:
                     view = s[off : off + g * b1 * (n + 1)].view(g * b1, n + 1, m)
                     s0[j0 * b1 : (j0 + g) * b1] = view[:, 0]
-                q = torch.addmm(c[f"c{k}"], s0, c[f"a{k}"], out=ws.get("sgraf_q", (pairs, m), s))
+                q = torch.addmm(c[f"c{k}"], s0, c[f"a{k}"], out=ws.get("sgraf_q0", (pairs, m), s))
                 mix = ws.get("sgraf_mix", (pairs, m), s)
                 for j0, g, n, _, off in runs:
                     p = g * b1
@@ -714,14 +714,16 @@ class SGRAF(AlignHead):
                     )
                 return torch.addmm(c[f"gb{k}"], mix, c[f"g{k}"]).relu_()
             rows = s.shape[0]
-            q = torch.addmm(c[f"c{k}"], s, c[f"a{k}"], out=ws.get("sgraf_q", (rows, m), s))
+            # two reused buffers take turns: the step's input s, and q then the step's output
+            free = ws.get("sgraf_q" if k % 2 == 0 else "sgraf_nodes", (rows, m), s)
+            q = torch.addmm(c[f"c{k}"], s, c[f"a{k}"], out=free)
             mix = ws.get("sgraf_mix", (rows, m), s)
             for _, g, n, _, off in runs:
                 p, end = g * b1, off + g * b1 * (n + 1)
                 view = s[off:end].view(p, n + 1, m)
                 logits = torch.bmm(q[off:end].view(p, n + 1, m), view.transpose(1, 2))
                 torch.bmm(logits.softmax(dim=2), view, out=mix[off:end].view(p, n + 1, m))
-            s = torch.addmm(c[f"gb{k}"], mix, c[f"g{k}"]).relu_()
+            s = torch.addmm(c[f"gb{k}"], mix, c[f"g{k}"], out=free).relu_()  # q is spent
         return s
 
     def bytes_per_pair(self, n_regions: int, n_words: int, elem_size: int) -> int:
