@@ -301,6 +301,14 @@ def _length_runs(lens: list[int], b1: int) -> list[tuple[int, int, int, int, int
     return runs
 
 
+def _packed_words(cap: Tensor, mask: Tensor, order: Tensor) -> Tensor:
+    """The valid words of ``cap [B2, L, d]`` (``mask [B2, L]``), captions in ``order``:
+    ``[W, d]`` (one gather)."""
+    n = cap.shape[1]
+    rows = (order[:, None] * n + torch.arange(n, device=cap.device))[mask[order]]
+    return cap.reshape(-1, cap.shape[2]).index_select(0, rows)
+
+
 class SGRAF(AlignHead):
     """SGRAF's similarity-vector head (methods.md section 10; docs/sgraf.md).
 
@@ -613,7 +621,10 @@ class SGRAF(AlignHead):
         order = torch.argsort(lens, descending=True, stable=True)
         runs = _length_runs(lens[order].tolist(), b1)
         words = sum(g * n for _, g, n, _, _ in runs)
-        cap_p = cap[order][captions.mask[order]]  # [W, d]: valid words, caption-major
+        # [W, d]: the valid words, caption-major in sorted order (once per caption block)
+        cap_p = ws.memo(
+            "sgraf_words", captions.key, lambda: _packed_words(cap, captions.mask, order)
+        )
         # t2i weights in place: lrelu, l2 across each caption's words, x lambda, softmax over
         # the valid regions
         s = (img.reshape(b1 * k, d) @ cap_p.T).view(b1, k, words)
