@@ -166,7 +166,11 @@ class SelfAttentionGlobal(nn.Module):
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         count = mask.sum(dim=1, keepdim=True).clamp_min(1).to(x.dtype)
         mean = x.sum(dim=1) / count  # padded items are zero
-        loc = self.local_fc(x)
+        if self.num_region is None and not bool(mask.all()):  # the valid words only
+            loc = x.new_zeros(*x.shape[:2], self.local_fc.out_features)
+            loc[mask] = self.local_fc(x[mask])
+        else:
+            loc = self.local_fc(x)
         glo = self.global_fc(mean)
         if self.num_region is not None:
             loc = self._slot_bn(loc, mask)
