@@ -30,21 +30,24 @@ from __future__ import annotations
 
 import argparse
 import gc
+import sys
 import time
-import weakref
 from functools import partial
 from pathlib import Path
 
 import baselines
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from itm.models import Similarity
 from itm.models.align.sgraf import SGRAF
 
 HERE = Path(__file__).resolve().parent
+if str(HERE.parent / "tests") not in sys.path:
+    sys.path.insert(0, str(HERE.parent / "tests"))
+
+from conformance import PeakMemory  # noqa: E402  (the conformance suite's workspace meter)
+
 CLOCK = time.perf_counter
 TARGET = "<= 1.5x floor (stretch 1.2x), faster than the loop"
 
@@ -117,45 +120,6 @@ def best_time(fn, reps: int, device) -> float:
         _sync(device)
         best = min(best, CLOCK() - t0)
     return best
-
-
-class PeakMemory(TorchDispatchMode):
-    """Peak bytes of tensor storage allocated inside the mode and still alive (CPU)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, list[int]] = {}
-        self.current = self.peak = 0
-
-    def _release(self, key: int) -> None:
-        entry = self.live.get(key)
-        if entry is not None:
-            entry[1] -= 1
-            if entry[1] == 0:
-                self.current -= entry[0]
-                del self.live[key]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        out = func(*args, **(kwargs or {}))
-        inputs = {
-            t.untyped_storage().data_ptr()
-            for t in tree_flatten((args, kwargs))[0]
-            if isinstance(t, Tensor)
-        }
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, Tensor):
-                continue
-            key = t.untyped_storage().data_ptr()
-            entry = self.live.get(key)
-            if entry is None:
-                if key in inputs:
-                    continue
-                entry = self.live[key] = [t.untyped_storage().nbytes(), 0]
-                self.current += entry[0]
-                self.peak = max(self.peak, self.current)
-            entry[1] += 1
-            weakref.finalize(t, self._release, key)
-        return out
 
 
 def peak_mb(fn, device) -> float:
@@ -309,7 +273,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.path.insert(0, str(HERE))
     main(sys.argv[1:])
