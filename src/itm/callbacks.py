@@ -282,6 +282,7 @@ class AlignmentImages(Callback):
         """The fixed pairs (read once from the datamodule)."""
         if self._examples is not None:
             return self._examples
+        from itm.data.datamodule import encode_caption
         from itm.viz import token_labels
 
         dm = getattr(trainer, "datamodule", None)
@@ -299,7 +300,7 @@ class AlignmentImages(Callback):
                 continue
             c = int(hits[0])
             feats = torch.from_numpy(np.array(store.images[i], dtype=np.float32))
-            ids = list(tokenizer.encode(store.captions[c]))
+            ids = encode_caption(tokenizer, store.captions[c]).tolist()
             words = token_labels(tokenizer, ids)
             self._examples.append(
                 _Example(

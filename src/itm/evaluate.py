@@ -148,7 +148,7 @@ class DataCache:
             [
                 OmegaConf.to_container(data_cfg, resolve=True),
                 text.get("_target_"),  # the tokenizer the text encoder brings
-                text.get("path") if "path" in text else None,
+                text.get("path"),
                 image.get("_target_"),
                 split,
             ],

@@ -92,16 +92,6 @@ def _bn_eval(x: Tensor, bn: nn.BatchNorm1d, channels: slice | None = None) -> Te
     return (x - mean) * scale + bn.bias[sel]  # type: ignore[index]
 
 
-def _running_update(bn: nn.BatchNorm1d, sel: slice, mean: Tensor, var_unbiased: Tensor) -> None:
-    """One momentum update of ``bn``'s running statistics at channels ``sel`` (no grad)."""
-    with torch.no_grad():
-        m = bn.momentum if bn.momentum is not None else 0.1
-        rm, rv = bn.running_mean, bn.running_var
-        assert rm is not None and rv is not None
-        rm[sel].mul_(1 - m).add_(m * mean.to(rm.dtype))
-        rv[sel].mul_(1 - m).add_(m * var_unbiased.to(rv.dtype))
-
-
 class SelfAttentionGlobal(nn.Module):
     """Self-attention with the mean as the query: one global vector per set (step 1).
 

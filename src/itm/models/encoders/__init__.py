@@ -5,7 +5,7 @@ In training with size augmentation on (``region_drop`` / ``word_aug`` > 0) an en
 transformers only when built. An encoder that reads per-region inputs besides the features
 (PFAN's ``positions``) names them in a class attribute ``extra_inputs`` and takes them as keyword
 arguments. A text encoder that reads ids of its own tokenizer (BERT) provides it with a
-classmethod ``caption_tokenizer(config)`` (:func:`caption_tokenizer`).
+class-level ``caption_tokenizer(config)`` (:func:`caption_tokenizer`).
 """
 
 from itm.models.encoders.augment import augment_words, drop_region_rows, drop_regions

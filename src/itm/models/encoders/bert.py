@@ -18,9 +18,18 @@ from torch import Tensor, nn
 from itm.models.encoders.augment import augment_words
 from itm.models.functional import l2n
 
-__all__ = ["BertTextEncoder", "load_local_bert", "read_bert_vocab"]
+__all__ = ["BertTextEncoder", "load_local_bert", "read_bert_vocab", "wordpiece_tokenizer"]
 
 _BRACKETED = re.compile(r"^\[[^\]]*\]$")  # [PAD], [UNK], [unused42], ...
+
+
+def wordpiece_tokenizer(config: Mapping[str, Any]) -> Any:
+    """The data's caption tokenizer of a BERT-based text encoder built from ``config`` (``bert``,
+    ``bert_cnn``): the WordPiece tokenizer of the same BERT directory (``config["path"]``;
+    :class:`~itm.data.tokenizers.BertCaptionTokenizer`)."""
+    from itm.data.tokenizers import BertCaptionTokenizer
+
+    return BertCaptionTokenizer(str(config["path"]))
 
 
 def _missing_path_error(path: str) -> FileNotFoundError:
@@ -120,14 +129,8 @@ class BertTextEncoder(nn.Module):
     #: options that change training only (:mod:`itm.models.schema`): resume may change them
     training_only_options: ClassVar[frozenset[str]] = frozenset({"path", "lr_mult", "word_aug"})
 
-    @classmethod
-    def caption_tokenizer(cls, config: Mapping[str, Any]) -> Any:
-        """The data's caption tokenizer for this encoder built from ``config``: the WordPiece
-        tokenizer of the same BERT directory (``config["path"]``;
-        :class:`~itm.data.tokenizers.BertCaptionTokenizer`)."""
-        from itm.data.tokenizers import BertCaptionTokenizer
-
-        return BertCaptionTokenizer(str(config["path"]))
+    #: the data's caption tokenizer (:mod:`itm.models.encoders.tokenizer`)
+    caption_tokenizer = staticmethod(wordpiece_tokenizer)
 
     def __init__(
         self,

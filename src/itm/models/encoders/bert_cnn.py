@@ -12,15 +12,14 @@ result), then Dropout and a Linear map into the joint space. One vector per capt
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from itm.models.encoders.bert import load_local_bert, read_bert_vocab
+from itm.models.encoders.bert import load_local_bert, read_bert_vocab, wordpiece_tokenizer
 from itm.models.functional import l2n, lengths_to_mask
 
 __all__ = ["BertCNNTextEncoder"]
@@ -62,14 +61,8 @@ class BertCNNTextEncoder(nn.Module):
     #: options that change training only (:mod:`itm.models.schema`): resume may change them
     training_only_options: ClassVar[frozenset[str]] = frozenset({"path", "dropout"})
 
-    @classmethod
-    def caption_tokenizer(cls, config: Mapping[str, Any]) -> Any:
-        """The data's caption tokenizer for this encoder built from ``config``: the WordPiece
-        tokenizer of the same BERT directory (``config["path"]``;
-        :class:`~itm.data.tokenizers.BertCaptionTokenizer`)."""
-        from itm.data.tokenizers import BertCaptionTokenizer
-
-        return BertCaptionTokenizer(str(config["path"]))
+    #: the data's caption tokenizer (:mod:`itm.models.encoders.tokenizer`)
+    caption_tokenizer = staticmethod(wordpiece_tokenizer)
 
     def __init__(
         self,

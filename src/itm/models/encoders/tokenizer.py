@@ -1,7 +1,8 @@
 """The caption tokenizer a text encoder reads its ids from.
 
 A text encoder whose ids are not the data's word vocabulary (BERT's WordPiece) says so with a
-classmethod ``caption_tokenizer(config) -> tokenizer``, given its own config node; an encoder
+class-level callable ``caption_tokenizer(config) -> tokenizer`` (a static or class method),
+given its own config node; an encoder
 without one (the BiGRU) reads the data's word vocabulary. The datamodule builder
 (:func:`itm.data.build.build_datamodule`) asks the class named by ``_target_``, before anything
 is built, so no key of the config (``path`` or other) is taken to mean "BERT".
